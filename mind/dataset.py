@@ -66,6 +66,8 @@ class Interactions:
     n_profile: int  # profile-id vocabulary size (including 0)
     timestamps: list[np.ndarray] | None = None  # float seconds per interaction, if the source has them
     planted: dict | None = None  # synthetic data only: the ground truth (item_category, user_categories)
+    side_vocab: Vocab | None = None  # raw side id <-> side index (reserved=1: index 0 = none)
+    profile_vocab: Vocab | None = None  # raw profile id ("field=value") <-> profile index (reserved=1)
 
     @property
     def n_items(self) -> int:
@@ -74,3 +76,15 @@ class Interactions:
     @property
     def n_interactions(self) -> int:
         return int(sum(len(s) for s in self.sequences))
+
+
+def pad_windows(histories: list[np.ndarray], max_len: int) -> np.ndarray:
+    """The last `max_len` items of each history, right-padded with PAD: the tower's input [B, L].
+
+    Offline evaluation and the stream worker both build windows here, so they cannot drift.
+    """
+    out = np.zeros((len(histories), max_len), dtype=np.int64)
+    for r, h in enumerate(histories):
+        tail = np.asarray(h, dtype=np.int64)[-max_len:] if max_len > 0 else h[:0]
+        out[r, : len(tail)] = tail
+    return out

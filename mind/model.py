@@ -1,0 +1,227 @@
+"""MIND: Multi-Interest Network with Dynamic Routing (Li et al., CIKM 2019), in one file.
+
+Read it top to bottom; it follows the paper:
+
+  1. Embedding & pooling     e_i = mean(item embedding, side-id embeddings)      (Sec. 4.2)
+                             p_u = concat(profile-id embeddings)
+  2. Multi-interest extractor, B2I dynamic routing (Algorithm 1, Sec. 4.3)
+       b_ij ~ N(0, sigma^2)                           routing logits, behaviour i -> interest j
+       repeat r times:
+         w_ij = softmax_j(b_ij)                       over the K'_u active interests
+         z_j  = sum_i w_ij S e_i                      one bilinear S shared by all pairs
+         u_j  = squash(z_j)
+         b_ij = b_ij + u_j^T S e_i
+       K'_u = max(1, min(K, log2 |I_u|))             dynamic interest number (Eq. 9)
+  3. ReLU layers over [u_j ; p_u]  ->  V_u = (v_u^1 .. v_u^K')                  (Sec. 4.3)
+  4. Label-aware attention (training only)                                      (Eq. 6)
+       v_u = V_u softmax(pow(V_u^T e_label, p))     p = 0: mean, p -> inf: hard attention
+  5. Sampled softmax over the item vocabulary, trained with Adam                (Eq. 7-8)
+  6. Serving: each v_u^k retrieves its own top-N; score(i) = max_k e_i^T v_u^k  (Eq. 3)
+
+K = 1 with routing is "MIND-1"; pooling="mean" with K = 1 is YouTube DNN (the paper's baseline).
+
+Index conventions (mind/dataset.py): item 0 = padding, 1 = unknown; side/profile id 0 = none.
+Shapes: B batch, L window length, S side ids per item, P profile fields, K interests, d dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class MINDConfig:
+    n_items: int  # item vocabulary size, including PAD (0) and OOV (1)
+    n_side: int = 1  # side-id vocabulary size, including "none" (0)
+    n_profile: int = 1  # profile-id vocabulary size, including "none" (0)
+    n_profile_fields: int = 0  # P: profile ids per user
+    d: int = 64  # embedding and interest dimension
+    K: int = 4  # maximum number of interests
+    dynamic_k: bool = True  # K'_u = max(1, min(K, log2 |I_u|)); False keeps all K
+    iters: int = 3  # routing iterations r
+    sigma: float = 1.0  # std of the routing-logit init b_ij ~ N(0, sigma^2)
+    p: float = math.inf  # label-aware attention power; inf = hard attention
+    max_len: int = 20  # behaviour window length L
+    profile_dim: int = 16  # embedding size per profile field
+    hidden: int = 256  # width of the ReLU layer over [capsule; profile]
+    pooling: str = "routing"  # "routing" (MIND) or "mean" (YouTube DNN)
+    stop_grad_routing: bool = True  # no gradient through the logit updates of early iterations
+    init_seed: int = 0  # seeds the stored routing init used at inference
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def squash(z: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """Capsule non-linearity: keeps direction, maps the norm into [0, 1) (Eq. 5)."""
+    sq = (z * z).sum(-1, keepdim=True)
+    return sq / (1.0 + sq) * z / torch.sqrt(sq + eps)
+
+
+def interest_count(lengths: torch.Tensor, K: int) -> torch.Tensor:
+    """K'_u = max(1, min(K, floor(log2 |I_u|))) (Eq. 9); an empty window still gets one interest."""
+    log2 = torch.floor(torch.log2(lengths.clamp(min=1).to(torch.float32))).to(torch.int64)
+    return log2.clamp(min=1, max=K)
+
+
+def label_aware_attention(
+    V: torch.Tensor, active: torch.Tensor, e_label: torch.Tensor, p: float
+) -> torch.Tensor:
+    """v_u = V_u softmax(pow(V_u^T e_label, p)) (Eq. 6), over the active interests only.
+
+    pow keeps the sign (sign(x)|x|^p) so that any real p is defined and the order of the scores is
+    kept: p = 0 gives the mean of the interests, p -> inf the interest nearest the label.
+    V [B,K,d], active [B,K] bool, e_label [B,d] -> [B,d]
+    """
+    scores = torch.einsum("bkd,bd->bk", V, e_label)  # [B,K]
+    if math.isinf(p):
+        best = scores.masked_fill(~active, float("-inf")).argmax(-1)  # [B]
+        return V[torch.arange(V.shape[0], device=V.device), best]  # [B,d]
+    logits = scores.sign() * scores.abs().pow(p) if p > 0 else torch.zeros_like(scores)  # [B,K]
+    attn = logits.masked_fill(~active, float("-inf")).softmax(-1)  # [B,K]
+    return torch.einsum("bk,bkd->bd", attn, V)  # [B,d]
+
+
+def sampled_softmax_loss(
+    v_u: torch.Tensor,
+    e_label: torch.Tensor,
+    label: torch.Tensor,
+    e_neg: torch.Tensor,
+    neg: torch.Tensor,
+    log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax over the label and shared sampled negatives (Eq. 7-8, Jean et al. 2015).
+
+    A negative equal to the label is removed ("accidental hit"). log_q [n_items] is the log
+    sampling probability of every item; subtracting it from each logit (label included) corrects
+    for popularity-biased sampling, so sampling every item once gives exactly the full softmax.
+    v_u [B,d], e_label [B,d], label [B], e_neg [N,d], neg [N] -> scalar
+    """
+    pos = (v_u * e_label).sum(-1, keepdim=True)  # [B,1]
+    negs = v_u @ e_neg.T  # [B,N]
+    if log_q is not None:
+        pos = pos - log_q[label][:, None]
+        negs = negs - log_q[neg][None, :]
+    negs = negs.masked_fill(neg[None, :] == label[:, None], float("-inf"))  # [B,N]
+    logits = torch.cat([pos, negs], dim=1)  # [B,1+N]
+    return F.cross_entropy(logits, torch.zeros_like(label))
+
+
+class MIND(nn.Module):
+    def __init__(self, cfg: MINDConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, K, L = cfg.d, cfg.K, cfg.max_len
+        self.K, self.L, self.iters = K, L, cfg.iters
+        self.dynamic_k = cfg.dynamic_k
+        self.mean_pooling = cfg.pooling == "mean"
+        self.stop_grad_routing = cfg.stop_grad_routing
+        self.sigma = cfg.sigma
+        # 1. embeddings: item ids, side ids (category, brand, ...), profile ids (age, gender, ...)
+        self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=0)
+        self.side_emb = nn.Embedding(max(cfg.n_side, 1), d, padding_idx=0)
+        self.profile_emb = nn.Embedding(max(cfg.n_profile, 1), cfg.profile_dim, padding_idx=0)
+        # 2. the bilinear map S shared by every behaviour/interest pair
+        self.S = nn.Parameter(torch.empty(d, d))
+        # fixed routing init for inference: serving must be deterministic per model version
+        g = torch.Generator().manual_seed(cfg.init_seed)
+        self.register_buffer("b_init", torch.randn(L, K, generator=g) * cfg.sigma)  # [L,K]
+        # 3. ReLU layers over [capsule; profile]
+        self.mlp = nn.Sequential(
+            nn.Linear(d + cfg.n_profile_fields * cfg.profile_dim, cfg.hidden),
+            nn.ReLU(),
+            nn.Linear(cfg.hidden, d),
+        )
+        nn.init.normal_(self.item_emb.weight, std=d**-0.5)
+        nn.init.normal_(self.side_emb.weight, std=d**-0.5)
+        nn.init.normal_(self.profile_emb.weight, std=cfg.profile_dim**-0.5)
+        nn.init.normal_(self.S, std=d**-0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+            self.side_emb.weight[0].zero_()
+            self.profile_emb.weight[0].zero_()
+
+    # ---- 1. embedding & pooling -------------------------------------------------------------
+    def embed_items(self, item_ids: torch.Tensor, side_ids: torch.Tensor) -> torch.Tensor:
+        """e_i = mean of the item embedding and its side-id embeddings. [...] , [...,S] -> [...,d]"""
+        e = self.item_emb(item_ids)  # [...,d]
+        side = self.side_emb(side_ids)  # [...,S,d]   (row 0 is zero: "none" adds nothing)
+        n = 1.0 + (side_ids > 0).sum(-1, keepdim=True).to(e.dtype)  # [...,1]
+        return (e + side.sum(-2)) / n  # [...,d]
+
+    # ---- 2. B2I dynamic routing ------------------------------------------------------------
+    def routing(self, e: torch.Tensor, mask: torch.Tensor, k_active: torch.Tensor) -> torch.Tensor:
+        """Algorithm 1. e [B,L,d], mask [B,L] (True = real behaviour), k_active [B,K] -> u [B,K,d]"""
+        B, L, _ = e.shape
+        Se = e @ self.S.T  # [B,L,d]   S e_i, computed once for all interests
+        if self.training:
+            b = torch.randn(B, L, self.K, device=e.device) * self.sigma  # [B,L,K] b_ij ~ N(0, sigma^2)
+        else:
+            b = self.b_init[:L].unsqueeze(0).expand(B, L, self.K)  # [B,L,K] stored draw
+        b = b.masked_fill(~k_active[:, None, :], -1e9)  # inactive interests take no weight
+        Se_fixed = Se.detach() if self.stop_grad_routing else Se
+        u = torch.zeros(B, self.K, e.shape[-1], device=e.device, dtype=e.dtype)
+        for it in range(self.iters):
+            last = it == self.iters - 1
+            Se_it = Se if last else Se_fixed
+            w = b.softmax(-1) * mask[:, :, None]  # [B,L,K] softmax over interests; padding gets 0
+            z = torch.einsum("blk,bld->bkd", w, Se_it)  # [B,K,d] z_j = sum_i w_ij S e_i
+            u = squash(z)  # [B,K,d]
+            if not last:
+                b = b + torch.einsum("bkd,bld->blk", u, Se_it)  # [B,L,K] b_ij += u_j^T S e_i
+        return u * k_active[:, :, None]  # [B,K,d]
+
+    # ---- the user tower (what Triton serves) ---------------------------------------------------
+    def forward(
+        self, item_ids: torch.Tensor, side_ids: torch.Tensor, profile_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """item_ids [B,L] (0-padded), side_ids [B,L,S], profile_ids [B,P] -> V_u [B,K,d], active [B,K]"""
+        mask = item_ids > 0  # [B,L]
+        e = self.embed_items(item_ids, side_ids)  # [B,L,d]
+        lengths = mask.sum(-1)  # [B]
+        ks = torch.arange(self.K, device=item_ids.device)  # [K]
+        if self.mean_pooling:  # YouTube DNN: one interest, the mean behaviour
+            k_active = ks[None, :] < 1  # [B?->1,K]
+            k_active = k_active.expand(item_ids.shape[0], self.K)  # [B,K]
+            mean = (e * mask[:, :, None]).sum(1) / lengths.clamp(min=1)[:, None]  # [B,d]
+            u = mean[:, None, :] * k_active[:, :, None]  # [B,K,d]
+        else:
+            k_user = interest_count(lengths, self.K) if self.dynamic_k else torch.full_like(lengths, self.K)
+            k_active = ks[None, :] < k_user[:, None]  # [B,K]
+            u = self.routing(e, mask, k_active)  # [B,K,d]
+        p_u = self.profile_emb(profile_ids).flatten(1)  # [B,P*profile_dim]
+        p_u = p_u[:, None, :].expand(-1, self.K, -1)  # [B,K,P*profile_dim]
+        V = self.mlp(torch.cat([u, p_u], dim=-1))  # [B,K,d]  3. ReLU layers over [u_j; p_u]
+        V = V * k_active[:, :, None]  # inactive interests are zero
+        return V, k_active
+
+    # ---- training ---------------------------------------------------------------------------
+    def loss(
+        self,
+        item_ids: torch.Tensor,
+        side_ids: torch.Tensor,
+        profile_ids: torch.Tensor,
+        label: torch.Tensor,
+        label_side: torch.Tensor,
+        neg: torch.Tensor,
+        neg_side: torch.Tensor,
+        log_q: torch.Tensor | None = None,
+        p: float | None = None,
+    ) -> torch.Tensor:
+        """Label-aware attention + sampled softmax. label [B], label_side [B,S], neg [N], neg_side [N,S]"""
+        V, active = self(item_ids, side_ids, profile_ids)  # [B,K,d], [B,K]
+        e_label = self.embed_items(label, label_side)  # [B,d]
+        v_u = label_aware_attention(V, active, e_label, self.cfg.p if p is None else p)  # [B,d]
+        e_neg = self.embed_items(neg, neg_side)  # [N,d]
+        return sampled_softmax_loss(v_u, e_label, label, e_neg, neg, log_q)
+
+    @torch.no_grad()
+    def item_vectors(self, item_side: torch.Tensor) -> torch.Tensor:
+        """e_i for the whole catalogue, what the indexer writes to Milvus. item_side [M,S] -> [M,d]"""
+        ids = torch.arange(item_side.shape[0], device=item_side.device)
+        return self.embed_items(ids, item_side)
