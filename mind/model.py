@@ -52,6 +52,7 @@ class MINDConfig:
     pooling: str = "routing"  # "routing" (MIND) or "mean" (YouTube DNN)
     stop_grad_routing: bool = True  # no gradient through the logit updates of early iterations
     init_seed: int = 0  # seeds the stored routing init used at inference
+    routing_init: str = "random"  # "random" (the paper: N(0, sigma^2)) or "kmeans++" (its future work)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,8 +83,10 @@ def label_aware_attention(
     if math.isinf(p):
         best = scores.masked_fill(~active, float("-inf")).argmax(-1)  # [B]
         return V[torch.arange(V.shape[0], device=V.device), best]  # [B,d]
-    logits = scores.sign() * scores.abs().pow(p) if p > 0 else torch.zeros_like(scores)  # [B,K]
-    attn = logits.masked_fill(~active, float("-inf")).softmax(-1)  # [B,K]
+    s64 = scores.double()  # float64 and a finite cap: |x|^p overflows float32 long before p is "large"
+    logits = s64.sign() * s64.abs().pow(p) if p > 0 else torch.zeros_like(s64)  # [B,K]
+    logits = torch.nan_to_num(logits, posinf=1e300, neginf=-1e300)
+    attn = logits.masked_fill(~active, float("-inf")).softmax(-1).to(V.dtype)  # [B,K]
     return torch.einsum("bk,bkd->bd", attn, V)  # [B,d]
 
 
@@ -122,6 +125,7 @@ class MIND(nn.Module):
         self.mean_pooling = cfg.pooling == "mean"
         self.stop_grad_routing = cfg.stop_grad_routing
         self.sigma = cfg.sigma
+        self.kmeans_init = cfg.routing_init == "kmeans++"
         # 1. embeddings: item ids, side ids (category, brand, ...), profile ids (age, gender, ...)
         self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=0)
         self.side_emb = nn.Embedding(max(cfg.n_side, 1), d, padding_idx=0)
@@ -155,17 +159,23 @@ class MIND(nn.Module):
         return (e + side.sum(-2)) / n  # [...,d]
 
     # ---- 2. B2I dynamic routing ------------------------------------------------------------
-    def routing(self, e: torch.Tensor, mask: torch.Tensor, k_active: torch.Tensor) -> torch.Tensor:
-        """Algorithm 1. e [B,L,d], mask [B,L] (True = real behaviour), k_active [B,K] -> u [B,K,d]"""
+    def routing(
+        self, e: torch.Tensor, mask: torch.Tensor, k_active: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Algorithm 1. e [B,L,d], mask [B,L] (True = real behaviour), k_active [B,K]
+        -> capsules u [B,K,d] and the last coupling coefficients w [B,L,K] (the paper's Fig. 5)"""
         B, L, _ = e.shape
         Se = e @ self.S.T  # [B,L,d]   S e_i, computed once for all interests
-        if self.training:
+        Se_fixed = Se.detach() if self.stop_grad_routing else Se
+        if self.kmeans_init:
+            b = self.kmeans_pp_logits(Se_fixed, mask)  # [B,L,K] deterministic, train and serve
+        elif self.training:
             b = torch.randn(B, L, self.K, device=e.device) * self.sigma  # [B,L,K] b_ij ~ N(0, sigma^2)
         else:
             b = self.b_init[:L].unsqueeze(0).expand(B, L, self.K)  # [B,L,K] stored draw
         b = b.masked_fill(~k_active[:, None, :], -1e9)  # inactive interests take no weight
-        Se_fixed = Se.detach() if self.stop_grad_routing else Se
         u = torch.zeros(B, self.K, e.shape[-1], device=e.device, dtype=e.dtype)
+        w = torch.zeros_like(b)
         for it in range(self.iters):
             last = it == self.iters - 1
             Se_it = Se if last else Se_fixed
@@ -174,26 +184,56 @@ class MIND(nn.Module):
             u = squash(z)  # [B,K,d]
             if not last:
                 b = b + torch.einsum("bkd,bld->blk", u, Se_it)  # [B,L,K] b_ij += u_j^T S e_i
-        return u * k_active[:, :, None]  # [B,K,d]
+        return u * k_active[:, :, None], w  # [B,K,d], [B,L,K]
+
+    def kmeans_pp_logits(self, Se: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The paper's future work: a K-means++-like routing init instead of random logits.
+
+        Interest j starts at a seed behaviour: the newest behaviour first, then each next seed is
+        the behaviour farthest (in cosine) from the seeds so far. b_ij = u_j^T S e_i with
+        u_j = squash(S e_seed_j), i.e. one routing update from capsules placed at the seeds.
+        Se [B,L,d], mask [B,L] -> b [B,L,K]
+        """
+        B = Se.shape[0]
+        rows = torch.arange(B, device=Se.device)
+        Sn = F.normalize(Se, dim=-1)  # [B,L,d]
+        cos = Sn @ Sn.transpose(1, 2)  # [B,L,L]
+        seed = (mask.sum(-1) - 1).clamp(min=0)  # [B] newest behaviour
+        seeds = [seed]
+        far = (1.0 - cos[rows, seed]).masked_fill(~mask, -1.0)  # [B,L] distance to the nearest seed
+        for _ in range(1, self.K):
+            seed = far.argmax(-1)  # [B]
+            seeds.append(seed)
+            far = torch.minimum(far, (1.0 - cos[rows, seed]).masked_fill(~mask, -1.0))
+        u0 = squash(Se[rows[:, None], torch.stack(seeds, 1)])  # [B,K,d]
+        return torch.einsum("bkd,bld->blk", u0, Se)  # [B,L,K]
 
     # ---- the user tower (what Triton serves) ---------------------------------------------------
-    def forward(
-        self, item_ids: torch.Tensor, side_ids: torch.Tensor, profile_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """item_ids [B,L] (0-padded), side_ids [B,L,S], profile_ids [B,P] -> V_u [B,K,d], active [B,K]"""
+    def capsules(
+        self, item_ids: torch.Tensor, side_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Behaviours -> interest capsules u [B,K,d], active [B,K], coupling w [B,L,K]."""
         mask = item_ids > 0  # [B,L]
         e = self.embed_items(item_ids, side_ids)  # [B,L,d]
         lengths = mask.sum(-1)  # [B]
         ks = torch.arange(self.K, device=item_ids.device)  # [K]
         if self.mean_pooling:  # YouTube DNN: one interest, the mean behaviour
-            k_active = ks[None, :] < 1  # [B?->1,K]
-            k_active = k_active.expand(item_ids.shape[0], self.K)  # [B,K]
-            mean = (e * mask[:, :, None]).sum(1) / lengths.clamp(min=1)[:, None]  # [B,d]
-            u = mean[:, None, :] * k_active[:, :, None]  # [B,K,d]
-        else:
-            k_user = interest_count(lengths, self.K) if self.dynamic_k else torch.full_like(lengths, self.K)
-            k_active = ks[None, :] < k_user[:, None]  # [B,K]
-            u = self.routing(e, mask, k_active)  # [B,K,d]
+            k_active = (ks[None, :] < 1).expand(item_ids.shape[0], self.K)  # [B,K]
+            w = (
+                mask[:, :, None].to(e.dtype) * k_active[:, None, :] / lengths.clamp(min=1)[:, None, None]
+            )  # [B,L,K]
+            u = torch.einsum("blk,bld->bkd", w, e)  # [B,K,d] mean behaviour in slot 0
+            return u, k_active, w
+        k_user = interest_count(lengths, self.K) if self.dynamic_k else torch.full_like(lengths, self.K)
+        k_active = ks[None, :] < k_user[:, None]  # [B,K]
+        u, w = self.routing(e, mask, k_active)  # [B,K,d], [B,L,K]
+        return u, k_active, w
+
+    def forward(
+        self, item_ids: torch.Tensor, side_ids: torch.Tensor, profile_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """item_ids [B,L] (0-padded), side_ids [B,L,S], profile_ids [B,P] -> V_u [B,K,d], active [B,K]"""
+        u, k_active, _ = self.capsules(item_ids, side_ids)  # [B,K,d], [B,K]
         p_u = self.profile_emb(profile_ids).flatten(1)  # [B,P*profile_dim]
         p_u = p_u[:, None, :].expand(-1, self.K, -1)  # [B,K,P*profile_dim]
         V = self.mlp(torch.cat([u, p_u], dim=-1))  # [B,K,d]  3. ReLU layers over [u_j; p_u]

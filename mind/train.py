@@ -165,7 +165,10 @@ def train(
         order = torch.as_tensor(rng.permutation(len(T)))
         t0, total = time.perf_counter(), 0.0
         bar = tqdm(
-            range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False
+            range(0, len(order), cfg.batch_size),
+            desc=f"epoch {epoch}",
+            disable=None if progress else True,
+            leave=False,
         )
         for i in bar:
             idx = order[i : i + cfg.batch_size]

@@ -1,0 +1,250 @@
+"""`mind`: the command line. Every option also reads an environment variable (MIND_<NAME>)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="MIND Stream: multi-interest retrieval.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each writes a JSON results file.")
+app.add_typer(bench_app, name="bench")
+
+Data = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        envvar="MIND_DATA",
+        help="Data set (file or directory); default: synthetic planted interests.",
+    ),
+]
+Fmt = Annotated[
+    str, typer.Option("--format", envvar="MIND_FORMAT", help="auto|recbole|sequences|pairs|jsonl")
+]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip malformed lines (counted and reported).")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(data: Path | None, fmt: str, skip_bad: bool, kcore: bool = True):
+    """The data set for training/evaluation: a loaded file (5-core filtered) or synthetic data."""
+    from mind.loaders import DataError, filter_kcore, load
+    from mind.synthetic import generate
+
+    if data is None:
+        return generate()
+    try:
+        inter = load(data, fmt=fmt, skip_bad=skip_bad)
+    except (DataError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    return filter_kcore(inter) if kcore else inter
+
+
+def _model_overrides(
+    K: int | None, d: int | None, p: float | None, sigma: float | None, iters: int | None, max_len: int | None
+) -> dict:
+    given = {"K": K, "d": d, "p": p, "sigma": sigma, "iters": iters, "max_len": max_len}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+K_ = Annotated[int | None, typer.Option("--K", "-k", envvar="MIND_K", help="Maximum interests K.")]
+D_ = Annotated[int | None, typer.Option("--dim", "-d", envvar="MIND_DIM", help="Embedding dimension d.")]
+P_ = Annotated[float | None, typer.Option("--p", envvar="MIND_P", help="Attention power p (inf = hard).")]
+SIGMA_ = Annotated[float | None, typer.Option("--sigma", envvar="MIND_SIGMA", help="Routing-logit init std.")]
+ITERS_ = Annotated[int | None, typer.Option("--iters", envvar="MIND_ITERS", help="Routing iterations r.")]
+LEN_ = Annotated[int | None, typer.Option("--max-len", envvar="MIND_MAX_LEN", help="Behaviour window L.")]
+NEG_ = Annotated[int, typer.Option("--neg", envvar="MIND_NEG", help="Sampled negatives per batch.")]
+EPOCHS_ = Annotated[int, typer.Option("--epochs", envvar="MIND_EPOCHS", help="Maximum epochs.")]
+LR_ = Annotated[float, typer.Option("--lr", envvar="MIND_LR", help="Adam learning rate.")]
+BATCH_ = Annotated[int, typer.Option("--batch-size", envvar="MIND_BATCH_SIZE")]
+SEED_ = Annotated[int, typer.Option("--seed", envvar="MIND_SEED")]
+BUDGET_ = Annotated[
+    float, typer.Option("--budget", envvar="MIND_BUDGET", help="Seconds of training per model.")
+]
+THREADS_ = Annotated[
+    int, typer.Option("--threads", envvar="MIND_THREADS", help="Torch threads (0 = default).")
+]
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint path.")] = Path("runs/mind.pt"),
+    data: Data = None,
+    fmt: Fmt = "auto",
+    skip_bad: SkipBad = False,
+    model: Annotated[str, typer.Option(help="mind | mind_1 | youtube_dnn")] = "mind",
+    K: K_ = None,
+    d: D_ = None,
+    p: P_ = None,
+    sigma: SIGMA_ = None,
+    iters: ITERS_ = None,
+    max_len: LEN_ = None,
+    neg: NEG_ = 1000,
+    epochs: EPOCHS_ = 30,
+    lr: LR_ = 1e-3,
+    batch_size: BATCH_ = 256,
+    seed: SEED_ = 42,
+    budget: BUDGET_ = 600.0,
+    threads: THREADS_ = 1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train one model on the training users (early-stopped on the validation users) and save it."""
+    import numpy as np
+    import torch
+
+    from mind.experiment import LEARNED
+    from mind.model import MIND
+    from mind.split import comirec_split
+    from mind.train import TrainConfig, model_config_for, save_checkpoint
+    from mind.train import train as fit
+
+    _setup_logging(verbose)
+    if model not in LEARNED:
+        raise typer.BadParameter(f"choose one of {', '.join(LEARNED)}", param_hint="--model")
+    inter = _load(data, fmt, skip_bad)
+    split = comirec_split(inter)
+    cfg = model_config_for(inter, **{**_model_overrides(K, d, p, sigma, iters, max_len), **LEARNED[model]})
+    tcfg = TrainConfig(
+        epochs=epochs, lr=lr, neg=neg, batch_size=batch_size, seed=seed, max_seconds=budget, threads=threads
+    )
+    torch.manual_seed(seed)
+    net = MIND(cfg)
+    res = fit(net, inter, np.asarray(split.train_users), split.valid, tcfg, ckpt=out)
+    save_checkpoint(out, net, inter, tcfg, extra={"epoch": res.best_epoch, "valid": res.best_valid})
+    typer.echo(
+        f"saved {out}  best epoch {res.best_epoch}/{res.epochs_run}  valid recall@50 "
+        f"{res.best_valid.get('recall@50', math.nan):.4f}  {res.samples_per_s:.0f} samples/s"
+    )
+
+
+@app.command()
+def evaluate(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Report JSON (a PNG is written beside it).")
+    ] = Path("report.json"),
+    data: Data = None,
+    fmt: Fmt = "auto",
+    skip_bad: SkipBad = False,
+    models: Annotated[
+        str, typer.Option(help="Comma-separated models.")
+    ] = "mostpop,itemcf,youtube_dnn,mind_1,mind",
+    K: K_ = None,
+    d: D_ = None,
+    p: P_ = None,
+    sigma: SIGMA_ = None,
+    iters: ITERS_ = None,
+    max_len: LEN_ = None,
+    neg: NEG_ = 1000,
+    epochs: EPOCHS_ = 30,
+    lr: LR_ = 1e-3,
+    batch_size: BATCH_ = 256,
+    seed: SEED_ = 42,
+    budget: BUDGET_ = 200.0,
+    threads: THREADS_ = 1,
+    checkpoints: Annotated[
+        Path | None, typer.Option(help="Directory to keep each model's checkpoint.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train every model, evaluate on the test users (ComiRec + MIND-paper protocols), write the report."""
+    from mind.experiment import run_offline, table
+    from mind.train import TrainConfig
+
+    _setup_logging(verbose)
+    inter = _load(data, fmt, skip_bad)
+    tcfg = TrainConfig(
+        epochs=epochs, lr=lr, neg=neg, batch_size=batch_size, seed=seed, max_seconds=budget, threads=threads
+    )
+    report = run_offline(
+        inter,
+        out=out,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()),
+        model_overrides=_model_overrides(K, d, p, sigma, iters, max_len),
+        train_cfg=tcfg,
+        checkpoint_dir=checkpoints,
+    )
+    typer.echo(f"\n{report['dataset']}: {report['users']['test']} test users, ComiRec protocol\n")
+    typer.echo(table(report))
+    typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {report['seconds']:.0f} s")
+
+
+@app.command()
+def explain(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="Trained model.")] = Path(
+        "runs/mind.pt"
+    ),
+    user: Annotated[str | None, typer.Option(help="Raw user id; default: the longest history.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("coupling.png"),
+    data: Data = None,
+    fmt: Fmt = "auto",
+) -> None:
+    """Draw one user's coupling-coefficient heatmap (behaviours x interests, the paper's Fig. 5)."""
+    from mind.explain import coupling, plot_coupling
+    from mind.train import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    inter = _load(data, fmt, False)
+    if inter.items.digest() != meta["vocab_hash"]:
+        typer.secho(
+            "error: the data's item vocabulary differs from the checkpoint's; pass the same --data",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
+    if user is None:
+        u = max(range(len(inter.users)), key=lambda i: len(inter.sequences[i]))
+    elif user in inter.users:
+        u = inter.users.index(user)
+    else:
+        typer.secho(f"error: unknown user {user!r}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    hist = inter.sequences[u][-model.cfg.max_len :]
+    (w,) = coupling(model, inter, [hist])
+    labels = [inter.items.raw_of(int(i)) for i in hist]
+    if inter.planted is not None:
+        cats = inter.planted["item_category"]
+        labels = [f"{lab} (c{cats[i]})" for lab, i in zip(labels, hist, strict=True)]
+    plot_coupling(w, out, labels, title=f"user {inter.users[u]}: coupling coefficients")
+    typer.echo(f"wrote {out} ({w.shape[0]} behaviours x {w.shape[1]} interests)")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/demo/report.json"),
+    data: Data = None,
+    fmt: Fmt = "auto",
+    budget: BUDGET_ = 60.0,
+) -> None:
+    """The main job end to end on the embedded default (synthetic planted data unless --data)."""
+    evaluate(out=out, data=data, fmt=fmt, budget=budget, checkpoints=out.parent / "checkpoints")
+
+
+@bench_app.command("train")
+def bench_train(
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("benchmarks/train.json"),
+    data: Data = None,
+    fmt: Fmt = "auto",
+) -> None:
+    """Training throughput (samples/s) per thread count and model, and evaluation time."""
+    from mind.bench_train import run
+
+    run(_load(data, fmt, False), out)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
