@@ -178,7 +178,7 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             seen += len(idx)
         train_seconds += time.perf_counter() - t0
         metrics = evaluate_ranked(recommend(model, inter, valid_cases, 100), valid_cases)
