@@ -1,0 +1,1 @@
+"""Launchers for the embedded (single-machine) servers: the real binaries, started locally."""
