@@ -64,6 +64,9 @@ P_ = Annotated[float | None, typer.Option("--p", envvar="MIND_P", help="Attentio
 SIGMA_ = Annotated[float | None, typer.Option("--sigma", envvar="MIND_SIGMA", help="Routing-logit init std.")]
 ITERS_ = Annotated[int | None, typer.Option("--iters", envvar="MIND_ITERS", help="Routing iterations r.")]
 LEN_ = Annotated[int | None, typer.Option("--max-len", envvar="MIND_MAX_LEN", help="Behaviour window L.")]
+INIT_ = Annotated[
+    str | None, typer.Option("--routing-init", envvar="MIND_ROUTING_INIT", help="kmeans++ (default) | random")
+]
 NEG_ = Annotated[int, typer.Option("--neg", envvar="MIND_NEG", help="Sampled negatives per batch.")]
 EPOCHS_ = Annotated[int, typer.Option("--epochs", envvar="MIND_EPOCHS", help="Maximum epochs.")]
 LR_ = Annotated[float, typer.Option("--lr", envvar="MIND_LR", help="Adam learning rate.")]
@@ -90,6 +93,7 @@ def train(
     sigma: SIGMA_ = None,
     iters: ITERS_ = None,
     max_len: LEN_ = None,
+    routing_init: INIT_ = None,
     neg: NEG_ = 1000,
     epochs: EPOCHS_ = 30,
     lr: LR_ = 1e-3,
@@ -114,7 +118,9 @@ def train(
         raise typer.BadParameter(f"choose one of {', '.join(LEARNED)}", param_hint="--model")
     inter = _load(data, fmt, skip_bad)
     split = comirec_split(inter)
-    cfg = model_config_for(inter, **{**_model_overrides(K, d, p, sigma, iters, max_len), **LEARNED[model]})
+    cfg = model_config_for(
+        inter, **{**_model_overrides(K, d, p, sigma, iters, max_len, routing_init), **LEARNED[model]}
+    )
     tcfg = TrainConfig(
         epochs=epochs, lr=lr, neg=neg, batch_size=batch_size, seed=seed, max_seconds=budget, threads=threads
     )
@@ -145,6 +151,7 @@ def evaluate(
     sigma: SIGMA_ = None,
     iters: ITERS_ = None,
     max_len: LEN_ = None,
+    routing_init: INIT_ = None,
     neg: NEG_ = 1000,
     epochs: EPOCHS_ = 30,
     lr: LR_ = 1e-3,
@@ -170,7 +177,7 @@ def evaluate(
         inter,
         out=out,
         models=tuple(m.strip() for m in models.split(",") if m.strip()),
-        model_overrides=_model_overrides(K, d, p, sigma, iters, max_len),
+        model_overrides=_model_overrides(K, d, p, sigma, iters, max_len, routing_init),
         train_cfg=tcfg,
         checkpoint_dir=checkpoints,
     )

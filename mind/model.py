@@ -52,7 +52,7 @@ class MINDConfig:
     pooling: str = "routing"  # "routing" (MIND) or "mean" (YouTube DNN)
     stop_grad_routing: bool = True  # no gradient through the logit updates of early iterations
     init_seed: int = 0  # seeds the stored routing init used at inference
-    routing_init: str = "random"  # "random" (the paper: N(0, sigma^2)) or "kmeans++" (its future work)
+    routing_init: str = "kmeans++"  # "kmeans++" (the paper's future work) or "random" (N(0, sigma^2))
 
     def to_dict(self) -> dict:
         return asdict(self)

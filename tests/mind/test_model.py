@@ -67,12 +67,29 @@ def test_squash_norm_below_one_and_keeps_direction():
     assert torch.allclose(norms, zn**2 / (1 + zn**2), rtol=1e-4)
 
 
-def test_inference_is_deterministic_and_training_is_not():
-    model = _model()
+def test_random_init_is_fixed_at_inference_and_redrawn_in_training():
+    model = _model(routing_init="random")
     ids, side, prof = _batch()
     assert torch.equal(model(ids, side, prof)[0], model(ids, side, prof)[0])
     model.train()
     assert not torch.equal(model(ids, side, prof)[0], model(ids, side, prof)[0])
+
+
+def test_kmeans_pp_init_seeds_interests_at_distinct_behaviours():
+    model = _model(routing_init="kmeans++")
+    # two tight clusters of behaviours: items 2-4 share side id 1, items 5-7 share side id 2
+    with torch.no_grad():
+        model.item_emb.weight[2:8] *= 0.01
+        model.side_emb.weight[1:3] = torch.eye(16)[:2] * 5
+    ids = torch.tensor([[2, 3, 4, 5, 6, 7, 0, 0, 0, 0, 0, 0]])
+    side = torch.tensor([1, 1, 1, 2, 2, 2] + [0] * 6)[None, :, None]
+    _, active, w = model.capsules(ids, side)
+    assert active.sum() == 2  # log2(6) -> 2 interests
+    assign = w[0, :6].argmax(-1)
+    assert len(set(assign[:3].tolist())) == 1 and len(set(assign[3:].tolist())) == 1
+    assert assign[0] != assign[3]  # the two clusters went to different interests
+    model.train()  # deterministic in training too: no random draw
+    assert torch.equal(model.capsules(ids, side)[2], model.capsules(ids, side)[2])
 
 
 def test_torchscript_matches_eager():
