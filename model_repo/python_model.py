@@ -1,0 +1,129 @@
+"""Triton Python-backend model for the MIND user tower (copied by `mind export` as `<v>/model.py`).
+
+It runs the TorchScript tower stored beside it (`model.pt`) and reads `meta.json` from the same version
+directory, so this file needs no templating: one template serves every version and every K/d/L.
+
+Why validation lives here: Triton core already rejects a wrong dtype or shape against config.pbtxt, but
+it cannot know the vocabularies. An out-of-range or negative id would otherwise crash inside
+`nn.Embedding` (or silently read garbage on GPU); here it becomes a per-request TritonError naming the
+input, while the other requests merged into the same dynamic batch are still answered.
+
+Which export answered: Triton's response names the numbered version; the optional output META
+(TYPE_STRING [2] = model_version, vocab_hash) maps it to the export, and is computed only when a client
+asks for it (the 2.51 stub has no response parameters, so an output is the simple in-band way).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+
+def _check_range(name: str, arr: np.ndarray, upper: np.ndarray | int | None) -> str | None:
+    """Return an error message when ids are negative or >= their vocabulary size, else None."""
+    if arr.size == 0:
+        return None
+    if int(arr.min()) < 0:
+        return f"{name} has negative ids (min {int(arr.min())}); ids are >= 0, 0 = padding/none"
+    if upper is None:
+        return None
+    bad = arr >= upper
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        return (
+            f"{name} id {int(arr[idx])} at index {list(idx)} is out of range "
+            f"(vocabulary size {int(np.broadcast_to(upper, arr.shape)[idx])}); map unseen ids to 1 (unknown)"
+        )
+    return None
+
+
+class TritonPythonModel:
+    """One instance per instance_group entry; each holds its own copy of the TorchScript tower."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.meta = json.loads((version_dir / "meta.json").read_text())
+        self.name = f"{args['model_name']}:{args['model_version']}"
+        if args.get("model_instance_kind") == "GPU" and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{int(args['model_instance_device_id'])}")
+        else:
+            self.device = torch.device("cpu")
+        with warnings.catch_warnings():  # torch >= 2.10 warns that TorchScript is deprecated; it still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.model = torch.jit.load(str(version_dir / "model.pt"), map_location=self.device).eval()
+        m = self.meta
+        self.n_items: int | None = m.get("n_items")
+        self.side_vocab = np.asarray(m["side_vocab"], dtype=np.int64) if m.get("side_vocab") else None
+        self.profile_vocab = (
+            np.asarray(m["profile_vocab"], dtype=np.int64) if m.get("profile_vocab") else None
+        )
+        self.meta_row = np.array(
+            [str(m["model_version"]).encode(), str(m["vocab_hash"]).encode()], dtype=np.object_
+        )
+
+    def _validate(self, items: np.ndarray, side: np.ndarray, prof: np.ndarray) -> str | None:
+        for err in (
+            _check_range("ITEM_IDS", items, self.n_items),
+            _check_range("SIDE_IDS", side, self.side_vocab),
+            _check_range("PROFILE_IDS", prof, self.profile_vocab),
+        ):
+            if err:
+                return err
+        # Windows are right-padded: a real item after a padding slot means the client packed it wrong.
+        if items.shape[1] > 1 and ((items[:, :-1] == 0) & (items[:, 1:] != 0)).any():
+            return "ITEM_IDS must be right-padded with 0 (found an item after a padding slot)"
+        return None
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        good: list[int] = []
+        batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        want_meta: list[bool] = []
+        for i, req in enumerate(requests):
+            items = pb_utils.get_input_tensor_by_name(req, "ITEM_IDS").as_numpy()
+            side = pb_utils.get_input_tensor_by_name(req, "SIDE_IDS").as_numpy()
+            prof = pb_utils.get_input_tensor_by_name(req, "PROFILE_IDS").as_numpy()
+            err = self._validate(items, side, prof)
+            if err:
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(f"{self.name}: {err}")
+                )
+            else:
+                good.append(i)
+                batches.append((items, side, prof))
+                want_meta.append("META" in req.requested_output_names())
+        if good:
+            sizes = [b[0].shape[0] for b in batches]
+            cat = [
+                torch.from_numpy(np.concatenate([b[j] for b in batches])).to(self.device) for j in range(3)
+            ]
+            try:
+                with torch.inference_mode():
+                    interests, active = self.model(cat[0], cat[1], cat[2])
+                interests_np = interests.float().cpu().numpy()
+                active_np = active.to(torch.bool).cpu().numpy()
+            except Exception as exc:  # noqa: BLE001 - a model failure must become an error response
+                for i in good:
+                    responses[i] = pb_utils.InferenceResponse(
+                        output_tensors=[], error=pb_utils.TritonError(f"{self.name} failed: {exc}")
+                    )
+                return responses
+            start = 0
+            for i, n, meta in zip(good, sizes, want_meta, strict=True):
+                outs = [
+                    pb_utils.Tensor("INTERESTS", np.ascontiguousarray(interests_np[start : start + n])),
+                    pb_utils.Tensor("ACTIVE", np.ascontiguousarray(active_np[start : start + n])),
+                ]
+                if meta:
+                    outs.append(pb_utils.Tensor("META", np.tile(self.meta_row, (n, 1))))
+                responses[i] = pb_utils.InferenceResponse(output_tensors=outs)
+                start += n
+        return responses
+
+    def finalize(self) -> None:
+        self.model = None

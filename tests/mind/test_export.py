@@ -1,0 +1,96 @@
+"""mind.export: repository layout and config schema, then export -> load -> infer equals in-process torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+from towerkit import N_ITEMS, D, K, L, S, ToyTower, export, random_batch, torch_out
+
+from mind.export import ExportError, list_versions, parse_config, read_meta
+from stream.tower import TritonTower
+
+
+def test_layout_config_and_meta(tmp_path):
+    item_side = np.random.default_rng(0).integers(0, 7, size=(N_ITEMS, S))
+    v1 = export(ToyTower(0), tmp_path, "m", "m-1", item_side=item_side, n_items=None)
+    v2 = export(ToyTower(1), tmp_path, "m", "m-2", instance_kind="KIND_GPU", instance_count=2)
+    assert (v1, v2) == (1, 2) and list_versions(tmp_path, "m") == [1, 2]
+    d = tmp_path / "m"
+    assert sorted(p.name for p in d.iterdir()) == ["1", "2", "config.pbtxt"]  # no staging leftovers
+    assert {p.name for p in (d / "1").iterdir()} == {"model.pt", "model.py", "meta.json", "item_side.npy"}
+    cfg = parse_config(d / "config.pbtxt")  # Triton's own schema: unknown fields would raise
+    assert cfg.backend == "python" and cfg.max_batch_size == 256
+    assert [(t.name, list(t.dims)) for t in cfg.input] == [
+        ("ITEM_IDS", [L]),
+        ("SIDE_IDS", [L, S]),
+        ("PROFILE_IDS", [2]),
+    ]
+    assert [(t.name, list(t.dims)) for t in cfg.output] == [
+        ("INTERESTS", [K, D]),
+        ("ACTIVE", [K]),
+        ("META", [2]),
+    ]
+    assert cfg.version_policy.latest.num_versions == 1
+    assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+    assert text_format.MessageToString(cfg.instance_group[0]).split() == ["count:", "2", "kind:", "KIND_GPU"]
+    m1 = read_meta(tmp_path, "m", 1)
+    assert (m1["model_version"], m1["vocab_hash"], m1["n_items"], m1["K"], m1["d"]) == (
+        "m-1",
+        "vh-m-1",
+        N_ITEMS,
+        K,
+        D,
+    )
+    assert m1["created"] and np.array_equal(np.load(d / "1" / "item_side.npy"), item_side)
+    loaded = torch.jit.load(str(d / "2" / "model.pt"))
+    batch = random_batch(6, seed=3)
+    got = loaded(*(torch.from_numpy(x) for x in batch))
+    ref = torch_out(ToyTower(1), batch)
+    assert np.abs(got[0].detach().numpy() - ref[0]).max() <= 1e-6 and np.array_equal(got[1].numpy(), ref[1])
+
+
+def test_export_refuses_shape_change_and_bad_metadata(tmp_path):
+    export(ToyTower(0), tmp_path, "m", "m-1")
+    with pytest.raises(ExportError, match="new model_name"):
+        export(ToyTower(0, K=2), tmp_path, "m", "m-2", K=2)
+    with pytest.raises(ExportError, match=r"expected \[B,3"):
+        export(ToyTower(0), tmp_path, "other", "o-1", K=3)
+    with pytest.raises(ExportError, match="side_vocab"):
+        export(ToyTower(0), tmp_path, "other", "o-1", side_vocab=[7])
+    assert list_versions(tmp_path, "m") == [1] and list_versions(tmp_path, "other") == []
+
+
+EDGES = {
+    "one behaviour": [1, 1, 1],
+    "empty window": [0, 0],
+    "maximum length": [L, L],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["toy", "mind"])
+def test_triton_equals_torch(triton, name):
+    """export -> load -> infer == in-process torch on random batches, edge cases and unknown ids."""
+    if name not in triton.towers:
+        pytest.skip("mind.model is not importable yet")
+    tower = triton.towers[name]
+    client = TritonTower(triton.server.grpc_url, name)
+    batches = [random_batch(B, seed=B) for B in (1, 7, 64)]
+    batches += [random_batch(len(lens), seed=i, lengths=lens) for i, lens in enumerate(EDGES.values())]
+    unknown = random_batch(5, seed=9)
+    unknown[0][unknown[0] > 0] = 1  # every behaviour unknown
+    unknown[0][3, :4] = [1, 5, 1, 1]
+    batches.append(unknown)
+    worst = 0.0
+    for batch in batches:
+        interests, active, served = client.infer(*batch)
+        ref_i, ref_a = torch_out(tower, batch)
+        assert served == "1" and interests.dtype == np.float32 and active.dtype == np.bool_
+        assert interests.shape == ref_i.shape and np.array_equal(active, ref_a)
+        worst = max(worst, float(np.abs(interests - ref_i).max()))
+    assert worst <= 1e-5
+    empty = client.infer(*random_batch(2, lengths=[0, 0]))[1]
+    assert empty.sum(1).tolist() == [1, 1]  # an empty window still gets one interest
+    assert client.meta("1").model_version == f"{name}-1"
