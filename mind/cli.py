@@ -6,7 +6,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -52,9 +52,23 @@ def _load(data: Path | None, fmt: str, skip_bad: bool, kcore: bool = True):
 
 
 def _model_overrides(
-    K: int | None, d: int | None, p: float | None, sigma: float | None, iters: int | None, max_len: int | None
+    K: int | None,
+    d: int | None,
+    p: float | None,
+    sigma: float | None,
+    iters: int | None,
+    max_len: int | None,
+    routing_init: str | None = None,
 ) -> dict:
-    given = {"K": K, "d": d, "p": p, "sigma": sigma, "iters": iters, "max_len": max_len}
+    given = {
+        "K": K,
+        "d": d,
+        "p": p,
+        "sigma": sigma,
+        "iters": iters,
+        "max_len": max_len,
+        "routing_init": routing_init,
+    }
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -100,7 +114,7 @@ def train(
     batch_size: BATCH_ = 256,
     seed: SEED_ = 42,
     budget: BUDGET_ = 600.0,
-    threads: THREADS_ = 1,
+    threads: THREADS_ = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train one model on the training users (early-stopped on the validation users) and save it."""
@@ -158,7 +172,7 @@ def evaluate(
     batch_size: BATCH_ = 256,
     seed: SEED_ = 42,
     budget: BUDGET_ = 200.0,
-    threads: THREADS_ = 1,
+    threads: THREADS_ = 0,
     checkpoints: Annotated[
         Path | None, typer.Option(help="Directory to keep each model's checkpoint.")
     ] = None,
@@ -247,6 +261,160 @@ def bench_train(
     from mind.bench_train import run
 
     run(_load(data, fmt, False), out)
+
+
+CKPT_ = Annotated[
+    Path, typer.Option("--checkpoint", "-c", envvar="MIND_CHECKPOINT", help="Trained model (mind train).")
+]
+REPO_ = Annotated[Path, typer.Option("--repo", envvar="MIND_MODEL_REPO", help="Triton model repository.")]
+MODEL_NAME_ = Annotated[
+    str, typer.Option("--model-name", envvar="MIND_TRITON_MODEL", help="Model name in the repository.")
+]
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2) from exc
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: CKPT_ = Path("runs/mind.pt"),
+    repo: REPO_ = Path("model_repo"),
+    model_name: MODEL_NAME_ = "mind_user_tower",
+    gpu: Annotated[
+        bool, typer.Option("--gpu", envvar="MIND_GPU", help="KIND_GPU instances instead of KIND_CPU.")
+    ] = False,
+    instances: Annotated[
+        int, typer.Option("--instances", min=1, envvar="MIND_INSTANCES", help="Model instances.")
+    ] = 1,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads", min=0, envvar="MIND_TOWER_THREADS", help="Torch threads per instance (0 = per core)."
+        ),
+    ] = 1,
+) -> None:
+    """Write the checkpoint's user tower as the next numbered Triton version (its model version)."""
+    from mind.export import ExportError
+    from mind.serving import export_checkpoint
+
+    try:
+        v = export_checkpoint(
+            checkpoint,
+            repo,
+            model_name,
+            instance_kind="KIND_GPU" if gpu else "KIND_CPU",
+            instance_count=instances,
+            torch_threads=threads,
+        )
+    except (ExportError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(
+        f"exported {checkpoint} as {repo / model_name / str(v)} (model version {v}); "
+        f"load it with TritonTower.load(), then `mind index --checkpoint {checkpoint}`"
+    )
+
+
+@app.command("index")
+def index_cmd(
+    milvus_uri: Annotated[
+        str, typer.Option("--milvus-uri", envvar="MIND_MILVUS_URI", help="http://host:port or a local .db")
+    ],
+    checkpoint: CKPT_ = Path("runs/mind.pt"),
+    repo: REPO_ = Path("model_repo"),
+    model_name: MODEL_NAME_ = "mind_user_tower",
+    version: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MIND_INDEX_VERSION", help="Exported version to index; default: this checkpoint's newest."
+        ),
+    ] = None,
+    incremental: Annotated[
+        bool,
+        typer.Option(
+            "--incremental", envvar="MIND_INDEX_INCREMENTAL", help="Upsert --items into the active one."
+        ),
+    ] = False,
+    items: Annotated[
+        Path | None,
+        typer.Option("--items", envvar="MIND_INDEX_ITEMS", help="Raw item ids to upsert, one per line."),
+    ] = None,
+    prefix: Annotated[str, typer.Option(envvar="MIND_MILVUS_PREFIX", help="Collection prefix.")] = "items",
+    chunk: Annotated[int, typer.Option(min=1, envvar="MIND_INDEX_CHUNK", help="Rows per chunk.")] = 2048,
+    drop_grace: Annotated[
+        float, typer.Option(envvar="MIND_DROP_GRACE_S", help="Drop versions retired longer ago (s).")
+    ] = 600.0,
+) -> None:
+    """Embed the whole catalogue with the checkpoint's model and index it as its exported version."""
+    import os
+
+    from indexer.store import IndexUnavailable, InvalidQuery, VersionMismatch
+    from mind.serving import ServingError, index_checkpoint, read_item_ids
+    from mind.train import load_checkpoint
+
+    if incremental != (items is not None):
+        raise typer.BadParameter("--incremental and --items go together", param_hint="--items")
+    try:
+        changed = read_item_ids(items, load_checkpoint(checkpoint)[1]["item_vocab"]) if items else None
+        stats = index_checkpoint(
+            checkpoint,
+            milvus_uri,
+            version,
+            chunk=chunk,
+            incremental=incremental,
+            changed_ids=changed,
+            drop_grace_s=drop_grace,
+            repo=repo,
+            model_name=model_name,
+            prefix=prefix,
+            token=os.environ.get("MIND_MILVUS_TOKEN"),
+        )
+    except (ServingError, IndexUnavailable, VersionMismatch, InvalidQuery, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(
+        f"{stats.mode} index of {stats.version}: {stats.rows} rows x {stats.dim} in {stats.seconds:.1f}s; "
+        f"active {stats.active} (was {stats.previous}); dropped {stats.dropped or 'none'}"
+    )
+
+
+@bench_app.command("serving")
+def bench_serving(
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("benchmarks/serving.json"),
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint", "-c", envvar="MIND_CHECKPOINT", help="Default: random-init, Beauty-sized."
+        ),
+    ] = None,
+    batch_sizes: Annotated[str, typer.Option(help="Triton batch sizes.")] = "1,8,64,256",
+    calls: Annotated[int, typer.Option(min=1, help="Timed calls per batch size.")] = 200,
+    warmup: Annotated[int, typer.Option(min=0)] = 20,
+    nq: Annotated[str, typer.Option(help="Milvus queries per call.")] = "1,16,256",
+    reps: Annotated[int, typer.Option(min=1, help="Timed searches per nq.")] = 30,
+    top_n: Annotated[int, typer.Option("--n", min=1, help="Top-N per query.")] = 50,
+    recall_queries: Annotated[int, typer.Option(min=1, help="Active interests per recall step.")] = 256,
+    items: Annotated[int, typer.Option(min=3, help="Catalogue size of the random-init model.")] = 12_103,
+) -> None:
+    """Triton tower and Milvus search beside in-process torch, same run; writes JSON and a PNG."""
+    from mind.bench_serving import BenchSizes, run, table
+
+    def ints(s: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+
+    sizes = BenchSizes(
+        batch_sizes=ints(batch_sizes),
+        calls=calls,
+        warmup=warmup,
+        nqs=ints(nq),
+        milvus_reps=reps,
+        n=top_n,
+        recall_queries=recall_queries,
+        n_items=items,
+    )
+    res = run(out, checkpoint, sizes, log=lambda m: typer.echo(m, err=True))
+    typer.echo(table(res))
+    typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
 
 
 def main() -> None:  # pragma: no cover
