@@ -146,6 +146,11 @@ class Settings(BaseSettings):
     milvus_prefix: str = Field("items", description="Collection prefix of the versioned item index.")
 
     # ---- worker ---------------------------------------------------------------------------------------
+    checkpoint: Path | None = Field(
+        None, description="Trained model (vocabulary, side-id and profile tables); same version as served."
+    )
+    drop_seen: bool = Field(True, description="Drop items already in the user's window from the candidates.")
+    metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics (0.0.0.0 to be scraped).")
     window_len: int = Field(50, ge=1, description="Behaviours kept per user (the model's max_len).")
     batch_max: int = Field(256, ge=1, description="Micro-batch bound by count.")
     batch_timeout_ms: int = Field(100, ge=1, description="Micro-batch bound by time.")

@@ -57,3 +57,98 @@ def redis_db(redis_server: EmbeddedRedis) -> Iterator[Any]:
 def uid() -> str:
     """A short unique suffix for topic and group names on the shared broker."""
     return uuid.uuid4().hex[:8]
+
+
+# ---- the stream worker's end-to-end stack (tests/stream/test_worker.py) ---------------------------------
+
+from dataclasses import dataclass  # noqa: E402 - this section is appended; its imports stay with it
+from pathlib import Path  # noqa: E402
+
+
+@dataclass
+class WorkerModel:
+    """A tiny random-init MIND, its checkpoint, served by Triton and indexed in Milvus as one version."""
+
+    checkpoint: Path
+    inter: Any  # mind.dataset.Interactions the checkpoint was saved from
+    model: Any  # mind.model.MIND (eval mode)
+    item_vectors: Any  # torch [n_items, d], exactly what the index holds (rows 2..)
+    triton_url: str
+    triton_model: str
+    milvus_uri: str
+    milvus_prefix: str
+    model_version: str
+    max_len: int
+
+    def settings(self, kafka_bootstrap: str, redis_url: str, uid: str, **kw: Any) -> Any:
+        """Worker settings on the shared servers, isolated by topic, group and key names."""
+        from stream.settings import Settings
+
+        base: dict[str, Any] = dict(
+            kafka_bootstrap=kafka_bootstrap,
+            redis_url=redis_url,
+            triton_url=self.triton_url,
+            triton_model=self.triton_model,
+            milvus_uri=self.milvus_uri,
+            milvus_prefix=self.milvus_prefix,
+            clicks_topic=f"clicks-{uid}",
+            recall_topic=f"recall-{uid}",
+            dlq_topic=f"dlq-{uid}",
+            group_id=f"workers-{uid}",
+            partitions=4,
+            session_timeout_ms=6000,
+            window_len=self.max_len,
+            batch_max=64,
+            batch_timeout_ms=50,
+            recall_n=20,
+            metrics_port=0,
+            producer_linger_ms=1,
+        )
+        base.update(kw)
+        return Settings(**base)
+
+
+@pytest.fixture(scope="session")
+def worker_model(tmp_path_factory: pytest.TempPathFactory, triton: Any, milvus_uri: str) -> WorkerModel:
+    """~500 items, 40 users, window 8, d=16, K=4: small enough to export, load and index in seconds."""
+    import torch
+
+    from indexer.build import index_items
+    from mind.export import export_user_tower
+    from mind.model import MIND
+    from mind.synthetic import generate
+    from mind.train import feature_tables, model_config_for, save_checkpoint
+    from stream.tower import TritonTower
+
+    inter = generate(n_users=40, n_items=500, n_categories=10, seq_len=(5, 12), seed=3)
+    cfg = model_config_for(inter, d=16, K=4, max_len=8)
+    torch.manual_seed(0)
+    model = MIND(cfg).eval()
+    path = tmp_path_factory.mktemp("worker") / "mind.pt"
+    save_checkpoint(path, model, inter, None)
+    side_t, _ = feature_tables(inter)
+    tag = uuid.uuid4().hex[:8]
+    name, version = f"worker_mind_{tag}", f"w{tag}"
+    export_user_tower(
+        model,
+        triton.repo,
+        model_name=name,
+        max_len=cfg.max_len,
+        n_side=side_t.shape[1],
+        n_profile=cfg.n_profile_fields,
+        K=cfg.K,
+        d=cfg.d,
+        model_version=version,
+        vocab_hash=inter.items.digest(),
+        item_side=side_t.numpy(),
+        side_vocab=cfg.n_side,
+        profile_vocab=cfg.n_profile,
+    )
+    with TritonTower(triton.server.grpc_url, name) as tower:
+        tower.load()
+    vectors = model.item_vectors(side_t)
+    prefix = f"w{tag}"
+    index_items(vectors, version, uri=milvus_uri, prefix=prefix, progress=False)
+    return WorkerModel(
+        path, inter, model, vectors, triton.server.grpc_url, name, milvus_uri, prefix, version, cfg.max_len
+    )

@@ -1,0 +1,712 @@
+"""The stream worker: clicks -> behaviour windows -> user tower (Triton) -> key-value store -> Milvus ->
+recall topic.
+
+Shaped like Kafka Streams / Quix Streams: a thin confluent-kafka loop drives a small core, and every
+external system sits behind one adapter (stream.state: Redis, stream.tower: Triton, stream.recall: Milvus,
+stream.window: the pure rules). Per micro-batch (bounded by count and time):
+
+  1. parse      validate each message; bad ones go to the DLQ with reason, bytes, partition, offset
+  2. window     one Lua script per partition appends the clicks AND stores the partition's offset
+                (atomic; re-delivered clicks are skipped), then one pipelined read of the windows
+  3. triton     ONE batched tower call for the batch's distinct users
+  4. kv_write   interest vectors + model version + time, pipelined
+  5. recall     ONE batched ANN search for every active interest, merged per user
+  6. produce    one recall message per refreshed user (idempotent producer), flush, check every report
+  7. commit     the consumed offsets (last + 1 per partition), synchronously, only after 6 succeeded
+
+A dependency failure in 2-6 pauses the assigned partitions and retries the batch with exponential backoff
+(tenacity) while polling, so the group membership stays alive; nothing is committed until it succeeds.
+A rebalance during the retries abandons the batch uncommitted: the next owner re-reads it, and the
+state's offset check makes re-processing safe. See stream/README.md for the exactly-once argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import orjson
+import redis
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from pymilvus.exceptions import MilvusException
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from tenacity import RetryCallState, Retrying, retry_if_exception, retry_if_exception_type, wait_exponential
+
+from indexer.store import IndexUnavailable, InvalidQuery, ItemIndex, VersionMismatch
+from mind.dataset import OOV
+from stream import metrics
+from stream.recall import Recaller
+from stream.schemas import Click, InvalidEvent, dlq_record_for, dump_recall, parse_click
+from stream.settings import Settings, kafka_config, load_settings, redis_client
+from stream.state import WindowState
+from stream.topics import ensure_topics
+from stream.tower import TowerError, TritonTower
+from stream.window import Catalog, Indexed, UserBatch, group_by_user, load_catalog
+
+log = structlog.get_logger("stream.worker")
+_T = TypeVar("_T")
+
+
+class DependencyError(RuntimeError):
+    """A server the batch needs failed (or tower and index disagree): pause, retry, commit nothing."""
+
+    def __init__(self, dependency: str, cause: BaseException | str) -> None:
+        super().__init__(f"{dependency}: {cause}")
+        self.dependency, self.cause = dependency, cause
+
+
+class VocabMismatch(RuntimeError):
+    """The served tower was exported from another vocabulary than the worker's checkpoint."""
+
+
+def classify(exc: BaseException) -> str | None:
+    """Which dependency an exception blames; None for anything else (a bug: let it crash)."""
+    if isinstance(exc, DependencyError):
+        return exc.dependency
+    if isinstance(exc, (VersionMismatch, VocabMismatch)):
+        return "version"
+    if isinstance(exc, redis.exceptions.RedisError):
+        return "redis"
+    if isinstance(exc, TowerError):
+        return "triton"
+    if isinstance(exc, (IndexUnavailable, MilvusException, InvalidQuery, grpc.RpcError)):
+        return "milvus"
+    if isinstance(exc, (KafkaException, BufferError)):
+        return "kafka"
+    return None
+
+
+@dataclass
+class Batch:
+    """One micro-batch after parsing: what to apply, refresh, dead-letter and finally commit."""
+
+    size: int
+    commit: dict[tuple[str, int], int]  # next offset to commit per (topic, partition)
+    first: dict[tuple[str, int], int]  # first offset per (topic, partition): where to rewind to
+    last: dict[int, int]  # last offset per partition of the clicks topic (the Lua guard's value)
+    clicks: list[Indexed]
+    groups: dict[tuple[int, str], UserBatch]
+    dlq: list[list[Any]]  # [key, record, delivered] per dead letter
+    applied_partitions: set[int] = field(default_factory=set)  # Lua already ran (a retry skips it)
+    applied: int = 0
+    skipped: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Deliveries:
+    """Delivery reports of one produce round."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.errors: list[KafkaError] = []
+
+    def __call__(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is None:
+            self.ok += 1
+        else:
+            self.errors.append(err)
+
+
+class Worker:
+    """The core loop. `process_batch` is one batch without retries or commit (tests drive it);
+    `run` is the consumer-group loop with pause/retry, commits, lag and graceful shutdown."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        state: WindowState,
+        tower: TritonTower,
+        recaller: Recaller,
+        producer: Producer,
+        consumer: Consumer | None = None,
+        *,
+        drop_seen: bool = True,
+        retry_max_s: float = 5.0,
+        flush_timeout_s: float = 30.0,
+        lag_interval_s: float = 5.0,
+        producer_factory: Callable[[], Producer] | None = None,
+    ) -> None:
+        self.settings, self.catalog, self.state = settings, catalog, state
+        self.tower, self.recaller, self.producer, self.consumer = tower, recaller, producer, consumer
+        self.drop_seen, self.retry_max_s = drop_seen, retry_max_s
+        self.flush_timeout_s, self.lag_interval_s = flush_timeout_s, lag_interval_s
+        self.producer_factory = producer_factory
+        dims = {t["name"]: [int(x) for x in t["dims"]] for t in tower.config()["input"]}
+        self.max_len = dims["ITEM_IDS"][0]
+        s, p = dims["SIDE_IDS"][1], dims["PROFILE_IDS"][0]
+        if catalog.item_side.shape[1] != s or catalog.n_profile_fields != p:
+            raise ValueError(
+                f"checkpoint tables (S={catalog.item_side.shape[1]}, P={catalog.n_profile_fields}) do not "
+                f"fit the served tower (S={s}, P={p}): the worker's checkpoint is not the exported model's"
+            )
+        self._checked_versions: dict[str, str] = {}  # served Triton version -> model_version
+        self._stop = threading.Event()
+        self._revocations = 0  # bumped by every revocation; a batch compares it with its start value
+        self._batch_gen = 0
+        self._paused = False
+        self._stray: list[Message] = []
+        self._lag_at = 0.0
+        self.last_batch: Batch | None = None
+
+    # ---- stages ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _stage(self, batch: Batch, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            batch.timings[name] = batch.timings.get(name, 0.0) + dt
+            metrics.STAGE_LATENCY.labels(name).observe(dt)
+
+    def _validate(self, msg: Message, now: float) -> Click:
+        click = parse_click(msg.value(), self.settings.max_event_bytes)
+        skew = self.settings.max_future_skew_s
+        if click.timestamp > now + skew:
+            raise InvalidEvent(
+                "bad_timestamp",
+                f"timestamp {click.timestamp} is {click.timestamp - now:.0f} s in the future "
+                f"(at most {skew:g} s accepted)",
+                "timestamp",
+            )
+        return click
+
+    def prepare(self, messages: Sequence[Message]) -> Batch:
+        """Parse and validate; dead letters are kept to be produced with the batch's output."""
+        batch = Batch(len(messages), {}, {}, {}, [], {}, [])
+        with self._stage(batch, "parse"):
+            now = time.time()
+            for m in messages:
+                tp, off = (m.topic(), m.partition()), m.offset()
+                batch.commit[tp] = max(batch.commit.get(tp, 0), off + 1)
+                batch.first[tp] = min(batch.first.get(tp, off), off)
+                batch.last[tp[1]] = max(batch.last.get(tp[1], -1), off)
+                try:
+                    click = self._validate(m, now)
+                except Exception as exc:  # InvalidEvent, or anything hostile input provokes: never stop
+                    batch.dlq.append([m.key(), dlq_record_for(m, exc), False])
+                    code = exc.code if isinstance(exc, InvalidEvent) else "internal"
+                    metrics.DLQ.labels(code).inc()
+                    log.info("dead letter", code=code, partition=tp[1], offset=off, reason=str(exc)[:200])
+                    continue
+                item = self.catalog.item_index(click.item_id)
+                if item == OOV:
+                    metrics.UNKNOWN_ITEMS.inc()
+                batch.clicks.append(Indexed(tp[1], off, click, item))
+            batch.groups = group_by_user(batch.clicks)
+        return batch
+
+    def _model_version(self, served: str) -> str:
+        """The served version's model_version, after checking it was exported from our vocabulary."""
+        mv = self._checked_versions.get(served)
+        if mv is None:
+            meta = self.tower.meta(served)
+            want = self.catalog.vocab_hash
+            if want and meta.vocab_hash != want:
+                raise VocabMismatch(
+                    f"Triton version {served} ({meta.model_version}) has vocab_hash {meta.vocab_hash}, "
+                    f"the worker's checkpoint {want}: item indices would mean other items. Deploy the "
+                    "worker with the checkpoint the tower was exported from."
+                )
+            mv = self._checked_versions[served] = meta.model_version
+        return mv
+
+    def _produce(self, topic: str, key: Any, value: bytes, on_delivery: Callable[..., None]) -> None:
+        deadline = time.monotonic() + self.flush_timeout_s
+        while True:
+            try:
+                self.producer.produce(topic, key=key, value=value, on_delivery=on_delivery)
+                return
+            except BufferError:  # local queue full: let deliveries drain it (backpressure)
+                if time.monotonic() > deadline:
+                    raise DependencyError("kafka", "producer queue stayed full") from None
+                self.producer.poll(0.05)
+
+    def refresh(self, batch: Batch) -> None:
+        """Steps 2-6 for one batch. Idempotent, so the loop may call it again after a failure."""
+        try:
+            self._refresh(batch)
+        except Exception as exc:
+            dep = classify(exc)
+            if dep is None:
+                raise
+            raise DependencyError(dep, exc) from exc
+
+    def _refresh(self, batch: Batch) -> None:
+        s = self.settings
+        reports = _Deliveries()
+        for letter in batch.dlq:
+            if not letter[2]:
+
+                def mark(err: KafkaError | None, msg: Message, letter: list[Any] = letter) -> None:
+                    letter[2] = err is None
+                    reports(err, msg)
+
+                self._produce(s.dlq_topic, letter[0], letter[1], mark)
+        groups = list(batch.groups.values())
+        values: list[bytes] = []
+        if groups:
+            with self._stage(batch, "window"):
+                by_part: dict[int, list[tuple[str, list[int], list[int]]]] = {}
+                for g in groups:
+                    by_part.setdefault(g.partition, []).append((g.user_id, g.offsets, g.items))
+                for part, users in by_part.items():
+                    if part in batch.applied_partitions:
+                        continue
+                    res = self.state.apply(part, batch.last[part], users)
+                    batch.applied_partitions.add(part)
+                    batch.applied += res.applied
+                windows = self.state.read_windows([(g.partition, g.user_id) for g in groups])
+            with self._stage(batch, "triton"):
+                profiles = [self.catalog.profile_row(g.user_id, g.trigger.profile_ids) for g in groups]
+                items, side, prof = self.catalog.tower_inputs(windows, profiles, self.max_len)
+                interests, active, served = self.tower.infer(items, side, prof)
+                model_version = self._model_version(served)
+            with self._stage(batch, "kv_write"):
+                self.state.write_interests([g.user_id for g in groups], interests, active, model_version)
+            with self._stage(batch, "recall"):
+                res = self.recaller.recall(
+                    interests, active, model_version, seen=windows if self.drop_seen else None
+                )
+                raw = self.catalog.raw_item
+                values = [
+                    dump_recall(
+                        g.user_id,
+                        g.trigger.event_id,
+                        g.trigger.timestamp,
+                        model_version,
+                        res.version,
+                        [(raw(i), sc, k) for i, sc, k in cands],
+                    )
+                    for g, cands in zip(groups, res.as_lists(), strict=True)
+                ]
+        with self._stage(batch, "produce"):
+            for g, value in zip(groups, values, strict=True):
+                self._produce(s.recall_topic, g.user_id.encode(), value, reports)
+            left = self.producer.flush(self.flush_timeout_s)
+            if left or reports.errors:
+                fatal = [e for e in reports.errors if e.fatal()]
+                if fatal and self.producer_factory is not None:
+                    # a fatal error (e.g. idempotence sequence broken) ends that producer instance
+                    log.error("producer fatal error: replacing the producer", error=str(fatal[0]))
+                    self.producer = self.producer_factory()
+                raise DependencyError(
+                    "kafka",
+                    f"{left} messages undelivered after {self.flush_timeout_s:g} s, "
+                    f"{len(reports.errors)} failed ({reports.errors[:3]}){' FATAL' if fatal else ''}",
+                )
+        now = time.time()
+        for c in batch.clicks:
+            metrics.E2E_LATENCY.observe(max(0.0, now - c.click.timestamp))
+        batch.skipped = len(batch.clicks) - batch.applied
+        metrics.CLICKS.inc(len(batch.clicks))
+        metrics.APPLIED.inc(batch.applied)
+        metrics.DUPLICATES.inc(batch.skipped)
+        metrics.RECALLS.inc(len(values))
+        metrics.BATCH_SIZE.observe(batch.size)
+        metrics.BATCH_USERS.observe(len(groups))
+
+    def process_batch(self, messages: Sequence[Message]) -> dict[tuple[str, int], int]:
+        """Parse, apply, refresh and produce one batch (no retry, no commit); returns the offsets to
+        commit: last offset + 1 per (topic, partition). Raises DependencyError when a server fails."""
+        batch = self.prepare(messages)
+        self.refresh(batch)
+        self.last_batch = batch
+        return batch.commit
+
+    # ---- the consumer loop --------------------------------------------------------------------------
+
+    def commit(self, offsets: dict[tuple[str, int], int], batch: Batch | None = None) -> bool:
+        """Synchronous commit of explicit offsets. A refusal (rebalance) is logged, not fatal: the next
+        owner re-reads those messages and the offset check skips what was applied."""
+        assert self.consumer is not None
+        tps = [TopicPartition(t, p, off) for (t, p), off in sorted(offsets.items())]
+        t0 = time.perf_counter()
+        try:
+            res = self.consumer.commit(offsets=tps, asynchronous=False) or []
+            failed = [tp for tp in res if tp.error is not None]
+        except KafkaException as exc:
+            failed = tps
+            log.warning(
+                "commit failed", error=str(exc), offsets={f"{t}:{p}": o for (t, p), o in offsets.items()}
+            )
+        dt = time.perf_counter() - t0
+        metrics.STAGE_LATENCY.labels("commit").observe(dt)
+        if batch is not None:
+            batch.timings["commit"] = dt
+        if failed:
+            metrics.COMMIT_FAILURES.inc()
+            log.warning("commit refused", partitions=[(tp.partition, str(tp.error)) for tp in failed])
+        return not failed
+
+    @property
+    def _revoked(self) -> bool:
+        """True when a rebalance took partitions away since the current batch started."""
+        return self._revocations != self._batch_gen
+
+    def _pause(self) -> None:
+        if not self._paused and self.consumer is not None:
+            self.consumer.pause(self.consumer.assignment())
+            self._paused = True
+            metrics.PAUSED.set(1)
+            log.warning("consumption paused: a dependency is down")
+
+    def _resume(self) -> None:
+        if self._paused and self.consumer is not None:
+            self.consumer.resume(self.consumer.assignment())
+            self._paused = False
+            metrics.PAUSED.set(0)
+            log.info("consumption resumed")
+
+    def _sleep_polling(self, seconds: float) -> None:
+        """tenacity's sleep: wait with the partitions paused, polling so rebalances are served."""
+        self._pause()
+        end = time.monotonic() + seconds
+        while not (self._revoked or self._stop.is_set()):
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            m = self.consumer.poll(min(0.2, left)) if self.consumer is not None else None
+            if m is not None and m.error() is None:
+                self._stray.append(m)  # fetched before the pause took effect: process it next
+
+    def _before_retry(self, rs: RetryCallState) -> None:
+        exc = rs.outcome.exception() if rs.outcome else None
+        dep = exc.dependency if isinstance(exc, DependencyError) else "unknown"
+        metrics.RETRIES.labels(dep).inc()
+        wait = rs.next_action.sleep if rs.next_action else 0.0
+        fn = log.error if dep == "version" else log.warning  # mixed versions: loud, never silent
+        fn(
+            "dependency failed; retrying the batch",
+            dependency=dep,
+            attempt=rs.attempt_number,
+            wait_s=round(wait, 2),
+            error=str(exc)[:500],
+        )
+
+    def _handle(self, messages: Sequence[Message]) -> None:
+        batch = self.prepare(messages)
+        self._batch_gen = self._revocations
+        retrying = Retrying(
+            retry=retry_if_exception_type(DependencyError),
+            wait=wait_exponential(multiplier=0.1, min=0.1, max=self.retry_max_s),
+            stop=lambda _rs: self._revoked or self._stop.is_set(),
+            sleep=self._sleep_polling,
+            before_sleep=self._before_retry,
+            reraise=True,
+        )
+        try:
+            retrying(self.refresh, batch)
+        except DependencyError as exc:
+            metrics.BATCHES.labels("abandoned").inc()
+            why = "partitions revoked" if self._revoked else "shutting down"
+            log.warning("batch abandoned uncommitted", reason=why, size=batch.size, error=str(exc)[:300])
+            self._rewind(batch)
+            return
+        finally:
+            self._resume()
+        if self._revoked:  # the rebalance came after success: the new owner re-reads; skip the commit
+            metrics.BATCHES.labels("uncommitted").inc()
+            return
+        self.commit(batch.commit, batch)
+        metrics.BATCHES.labels("ok").inc()
+        self.last_batch = batch
+        log.debug(
+            "batch",
+            size=batch.size,
+            users=len(batch.groups),
+            applied=batch.applied,
+            skipped=batch.skipped,
+            dlq=len(batch.dlq),
+            ms={k: round(v * 1000, 2) for k, v in batch.timings.items()},
+        )
+
+    def _rewind(self, batch: Batch) -> None:
+        """Seek partitions still owned back to the first message not handled: the batch's start, or the
+        first message polled during the retries (from partitions assigned meanwhile). With eager
+        rebalancing every partition was revoked and a new assignment starts at the committed offsets."""
+        assert self.consumer is not None
+        first = dict(batch.first)
+        for m in self._stray:
+            tp = (m.topic(), m.partition())
+            first[tp] = min(first.get(tp, m.offset()), m.offset())
+        self._stray.clear()
+        try:
+            owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+            for (t, p), off in first.items():
+                if (t, p) in owned:
+                    self.consumer.seek(TopicPartition(t, p, off))
+        except KafkaException as exc:
+            log.warning("rewind failed", error=str(exc))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("partitions assigned", partitions=sorted(tp.partition for tp in partitions))
+        try:
+            self._check_state(consumer, partitions)
+        except Exception as exc:  # noqa: BLE001 - a callback must not raise; the check is advisory
+            log.warning("state offset check skipped", error=str(exc)[:300])
+
+    def _check_state(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Log where the state and the group stand on each new partition. State ahead of the committed
+        offset is normal after a crash (those clicks will be re-delivered and skipped); state BEHIND it
+        means the key-value store lost data (clicks in between are missing from the windows).
+
+        Not done here: detecting a broker that lost its log (embedded Tansu restarted with memory
+        storage) by watermarks, because Tansu 0.6 answers ListOffsets(latest) wrongly (1 for a partition
+        holding 37 records; fetch responses carry the right high watermark). See stream/README.md.
+        """
+        stored = self.state.offsets([tp.partition for tp in partitions])
+        for tp in consumer.committed(partitions, timeout=10):
+            have, next_offset = stored[tp.partition], tp.offset
+            if next_offset >= 0 and have < next_offset - 1:
+                log.error(
+                    "state behind the committed offset: the key-value store lost data",
+                    partition=tp.partition,
+                    state_offset=have,
+                    committed=next_offset,
+                )
+            else:
+                log.info("partition state", partition=tp.partition, state_offset=have, committed=next_offset)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._revocations += 1
+        log.info("partitions revoked", partitions=sorted(tp.partition for tp in partitions))
+        for tp in partitions:
+            with suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+
+    def _update_lag(self) -> None:
+        now = time.monotonic()
+        if self.consumer is None or now - self._lag_at < self.lag_interval_s:
+            return
+        self._lag_at = now
+        try:
+            for tp in self.consumer.position(self.consumer.assignment()):
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if high >= 0 and tp.offset >= 0:
+                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
+        except KafkaException as exc:
+            log.debug("lag update failed", error=str(exc))
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Consume until `stop` is set; then finish the batch in hand, commit, leave the group, flush."""
+        if self.consumer is None:
+            raise ValueError("run() needs a consumer")
+        self._stop = stop or threading.Event()
+        s = self.settings
+        self.consumer.subscribe(
+            [s.clicks_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
+        log.info(
+            "worker started",
+            topic=s.clicks_topic,
+            group=s.group_id,
+            max_len=self.max_len,
+            batch_max=s.batch_max,
+            batch_timeout_ms=s.batch_timeout_ms,
+        )
+        try:
+            while not self._stop.is_set():
+                msgs = self.consumer.consume(s.batch_max, timeout=s.batch_timeout_ms / 1000)
+                if self._stray:
+                    msgs, self._stray = self._stray + list(msgs), []
+                self._update_lag()
+                good = []
+                for m in msgs:
+                    err = m.error()
+                    if err is None:
+                        good.append(m)
+                    elif err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error", error=str(err))
+                if good:
+                    self._handle(good)
+        finally:
+            log.info("worker stopping: leaving the group")
+            try:
+                self.consumer.close()
+            finally:
+                left = self.producer.flush(10)
+                if left == 0:  # close() flushes without a time limit: only once nothing is pending
+                    self.producer.close()
+                log.info("worker stopped", undelivered=left)
+
+
+# ---- wiring ---------------------------------------------------------------------------------------------
+
+
+def configure_logging(settings: Settings) -> None:
+    """JSON lines (structlog) on stderr, once per process."""
+    if structlog.is_configured():
+        return
+    import logging
+
+    render: Any = (
+        structlog.processors.JSONRenderer(serializer=lambda o, **_: orjson.dumps(o, default=str).decode())
+        if settings.log_json
+        else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            render,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, settings.log_level)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def addresses(settings: Settings) -> dict[str, str]:
+    """Each server's address: the configured one, else the embedded default on loopback (`mind up`)."""
+    h = settings.embedded_host
+    return {
+        "kafka": settings.kafka_bootstrap or f"{h}:{settings.embedded_kafka_port}",
+        "redis": settings.redis_url or f"redis://{h}:{settings.embedded_redis_port}/0",
+        "triton": settings.triton_url or f"{h}:{settings.embedded_triton_grpc_port}",
+        "milvus": settings.milvus_uri or f"http://{h}:{settings.embedded_milvus_port}",
+    }
+
+
+def _until_ready(what: str, fn: Callable[[], _T], stop: threading.Event) -> _T:
+    """Start-up: keep trying to reach a server (it may start after the worker) until it answers."""
+
+    def note(rs: RetryCallState) -> None:
+        exc = rs.outcome.exception() if rs.outcome else None
+        log.warning(
+            "waiting for a dependency", dependency=what, attempt=rs.attempt_number, error=str(exc)[:300]
+        )
+
+    return Retrying(
+        retry=retry_if_exception(lambda e: classify(e) is not None or isinstance(e, ConnectionError)),
+        wait=wait_exponential(multiplier=0.5, max=10.0),
+        stop=lambda _rs: stop.is_set(),
+        sleep=stop.wait,
+        before_sleep=note,
+        reraise=True,
+    )(fn)
+
+
+def build_worker(
+    settings: Settings, catalog: Catalog, stop: threading.Event, *, drop_seen: bool = True
+) -> Worker:
+    """Connect every adapter (waiting for servers that are still starting) and create the clients."""
+    addr = addresses(settings)
+    # redis-py's own retry (3 tries, backoff up to 10 s) is switched off: state.py (a few quick tries)
+    # and the worker's pause-and-retry own the policy, and count what they do.
+    client = redis_client(
+        settings, addr["redis"], socket_timeout=5.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+    )
+    _until_ready("redis", client.ping, stop)
+    state = WindowState(client, settings.clicks_topic, settings.window_len)
+    tower = TritonTower(addr["triton"], settings.triton_model, settings.triton_timeout_s)
+    _until_ready("triton", tower.config, stop)
+    token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+    index = _until_ready(
+        "milvus", lambda: ItemIndex(addr["milvus"], token=token, prefix=settings.milvus_prefix), stop
+    )
+    try:
+        ensure_topics(AdminClient(kafka_config(settings, "admin", bootstrap=addr["kafka"])), settings)
+    except Exception as exc:  # noqa: BLE001 - may be forbidden on a production cluster; topics may exist
+        log.warning("could not ensure topics", error=str(exc)[:300])
+    producer_conf = kafka_config(settings, "producer", bootstrap=addr["kafka"])
+    consumer = Consumer(kafka_config(settings, "consumer", bootstrap=addr["kafka"]))
+    return Worker(
+        settings,
+        catalog,
+        state,
+        tower,
+        Recaller(index, settings.recall_n),
+        Producer(producer_conf),
+        consumer,
+        drop_seen=drop_seen,
+        producer_factory=lambda: Producer(producer_conf),
+    )
+
+
+def resolve_checkpoint(settings: Settings, checkpoint: str | os.PathLike[str] | None) -> Path:
+    path = checkpoint or settings.checkpoint  # settings.checkpoint also reads $MIND_CHECKPOINT
+    if not path:
+        raise ValueError(
+            "the worker needs the model checkpoint (item vocabulary and side-id tables): pass --checkpoint "
+            "or set MIND_CHECKPOINT"
+        )
+    return Path(path)
+
+
+def run_worker(
+    settings: Settings,
+    stop: threading.Event | None = None,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    drop_seen: bool | None = None,
+) -> None:
+    """Run one worker until `stop` is set or SIGTERM/SIGINT arrives (handlers only in the main thread)."""
+    configure_logging(settings)
+    stop = stop or threading.Event()
+    restore: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            restore[sig] = signal.signal(
+                sig, lambda signum, _f: (log.info("signal", signum=signum), stop.set())
+            )
+    try:
+        catalog = load_catalog(resolve_checkpoint(settings, checkpoint))
+        if settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        try:
+            keep = settings.drop_seen if drop_seen is None else drop_seen
+            worker = build_worker(settings, catalog, stop, drop_seen=keep)
+        except Exception:
+            if stop.is_set():  # asked to stop while still waiting for a server
+                log.info("stopped before start")
+                return
+            raise
+        worker.run(stop)
+    finally:
+        for sig, handler in restore.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m stream.worker",
+        description="The MIND stream worker: clicks -> windows -> Triton -> Redis -> Milvus -> recall.",
+    )
+    ap.add_argument("--config", help="settings file (TOML, YAML, JSON or .env); else $MIND_CONFIG")
+    ap.add_argument("--checkpoint", help="model checkpoint (else $MIND_CHECKPOINT)")
+    ap.add_argument("--keep-seen", action="store_true", help="do not drop the window's items from recall")
+    args = ap.parse_args(argv)
+    try:  # configuration mistakes: one clear line, no traceback
+        settings = load_settings(args.config)
+        checkpoint = resolve_checkpoint(settings, args.checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run_worker(settings, checkpoint=checkpoint, drop_seen=False if args.keep_seen else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""stream.state against a real Valkey: windows and offsets applied atomically, replays skipped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from prometheus_client import REGISTRY
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.retry import Retry
+
+from stream.embedded.redis import free_port
+from stream.state import WindowState
+from stream.window import apply_clicks
+
+TOPIC = "clicks-state"
+
+
+@pytest.fixture
+def state(redis_db: Any) -> WindowState:
+    return WindowState(redis_db, TOPIC, max_len=4)
+
+
+def test_batch_applied_with_its_offset_in_one_call(state: WindowState, redis_db: Any) -> None:
+    res = state.apply(3, 12, [("u1", [10, 12], [5, 6]), ("u2", [11], [7])])
+    assert res == (-1, 3, 0)
+    assert state.read_windows([(3, "u1"), (3, "u2"), (3, "nobody")]) == [[5, 6], [7], []]
+    assert state.offsets([3, 4]) == {3: 12, 4: -1}
+    # one partition's keys share a Redis Cluster slot, so one script may touch them all
+    slots = {key_slot(k.encode()) for k in (state.offset_key(3), state.window_key(3, "u1"))}
+    assert len(slots) == 1 and key_slot(state.offset_key(4).encode()) not in slots
+
+
+def test_replayed_batch_is_skipped(state: WindowState) -> None:
+    batch = [("u1", [0, 1, 2], [2, 3, 4]), ("u2", [3], [9])]
+    assert state.apply(0, 3, batch).applied == 4
+    again = state.apply(0, 3, batch)
+    assert again == (3, 0, 4)
+    assert state.read_windows([(0, "u1"), (0, "u2")]) == [[2, 3, 4], [9]]
+
+
+def test_partial_replay_applies_only_newer_clicks(state: WindowState) -> None:
+    """A crash after offsets 0..5 were applied; the re-delivered batch 3..8 brings 6..8 once."""
+    state.apply(1, 5, [("u", [0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7])])
+    res = state.apply(1, 8, [("u", [3, 4, 5, 6], [5, 6, 7, 8]), ("v", [7, 8], [11, 12])])
+    assert res == (5, 3, 3)
+    want = apply_clicks(apply_clicks([], [2, 3, 4, 5, 6, 7], 4), [8], 4)
+    assert state.read_windows([(1, "u"), (1, "v")]) == [want, [11, 12]]
+    assert state.offsets([1]) == {1: 8}
+
+
+def test_windows_are_trimmed_to_max_len(state: WindowState) -> None:
+    items = list(range(2, 3000))  # more than one unpack() chunk in the script
+    state.apply(2, len(items) - 1, [("u", list(range(len(items))), items)])
+    assert state.read_windows([(2, "u")]) == [items[-4:]]
+
+
+def test_a_bad_key_applies_nothing(state: WindowState, redis_db: Any) -> None:
+    """All or nothing: the script checks every key before its first write (Lua writes are not rolled
+    back on a later error), so neither the other windows nor the offset move."""
+    redis_db.set(state.window_key(0, "broken"), "not a list")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        state.apply(0, 9, [("ok", [8], [2]), ("broken", [9], [3])])
+    assert state.read_windows([(0, "ok")]) == [[]] and state.offsets([0]) == {0: -1}
+
+
+def test_reset_offset(state: WindowState) -> None:
+    state.apply(0, 40, [("u", [40], [2])])
+    state.reset_offset(0, -1)
+    assert state.apply(0, 0, [("u", [0], [3])]).applied == 1
+    assert state.read_windows([(0, "u")]) == [[2, 3]]
+
+
+def test_interests_round_trip(state: WindowState) -> None:
+    vec = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    active = np.array([[True, True, False], [True, False, False]])
+    state.write_interests(["a", "b"], vec, active, "7", ts=123.5)
+    a, b = state.read_interests("a"), state.read_interests("b")
+    assert a is not None and b is not None
+    np.testing.assert_array_equal(a[0], vec[0, :2])
+    assert (a[1], a[2]) == ("7", 123.5) and b[0].shape == (1, 4)
+    assert state.read_interests("c") is None
+
+
+def test_connection_errors_are_retried_then_raised() -> None:
+    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    s = WindowState(dead, TOPIC, 4, attempts=3, wait_max_s=0.01)
+    before = REGISTRY.get_sample_value("mind_worker_retries_total", {"dependency": "redis"}) or 0.0
+    with pytest.raises(redis.ConnectionError):
+        s.apply(0, 1, [("u", [1], [2])])
+    assert REGISTRY.get_sample_value("mind_worker_retries_total", {"dependency": "redis"}) == before + 2
