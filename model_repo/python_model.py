@@ -53,6 +53,11 @@ class TritonPythonModel:
             self.device = torch.device(f"cuda:{int(args['model_instance_device_id'])}")
         else:
             self.device = torch.device("cpu")
+        # config parameter `torch_threads` (set by export): intra-op threads of this instance's stub process
+        params = json.loads(args.get("model_config") or "{}").get("parameters", {})
+        threads = int(params.get("torch_threads", {}).get("string_value") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
         with warnings.catch_warnings():  # torch >= 2.10 warns that TorchScript is deprecated; it still works
             warnings.simplefilter("ignore", DeprecationWarning)
             self.model = torch.jit.load(str(version_dir / "model.pt"), map_location=self.device).eval()
