@@ -394,6 +394,7 @@ def bench_serving(
     reps: Annotated[int, typer.Option(min=1, help="Timed searches per nq.")] = 30,
     top_n: Annotated[int, typer.Option("--n", min=1, help="Top-N per query.")] = 50,
     recall_queries: Annotated[int, typer.Option(min=1, help="Active interests per recall step.")] = 256,
+    recall_reps: Annotated[int, typer.Option(min=1, help="Timed recall steps.")] = 100,
     items: Annotated[int, typer.Option(min=3, help="Catalogue size of the random-init model.")] = 12_103,
 ) -> None:
     """Triton tower and Milvus search beside in-process torch, same run; writes JSON and a PNG."""
@@ -410,11 +411,17 @@ def bench_serving(
         milvus_reps=reps,
         n=top_n,
         recall_queries=recall_queries,
+        recall_reps=recall_reps,
         n_items=items,
     )
     res = run(out, checkpoint, sizes, log=lambda m: typer.echo(m, err=True))
     typer.echo(table(res))
     typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
+
+
+from stream.cli import register  # noqa: E402
+
+register(app)
 
 
 def main() -> None:  # pragma: no cover

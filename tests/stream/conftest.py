@@ -152,3 +152,37 @@ def worker_model(tmp_path_factory: pytest.TempPathFactory, triton: Any, milvus_u
     return WorkerModel(
         path, inter, model, vectors, triton.server.grpc_url, name, milvus_uri, prefix, version, cfg.max_len
     )
+
+
+# ---- embedded stack, publish and view tests ------------------------------------------------------------
+
+EMBEDDED_PORTS_ANY = {
+    f"MIND_EMBEDDED_{name}_PORT": "0"
+    for name in ("KAFKA", "REDIS", "MILVUS", "TRITON_GRPC", "TRITON_HTTP", "TRITON_METRICS")
+}
+
+
+@pytest.fixture
+def cli_env(tmp_path: Any) -> dict[str, str]:
+    """Environment for `mind` subprocesses: any free port for every embedded server, no stray MIND_*."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIND_")}
+    env.update(EMBEDDED_PORTS_ANY)
+    env["MIND_RUN_DIR"] = str(tmp_path / "run")
+    return env
+
+
+@pytest.fixture
+def topic_settings(kafka_bootstrap: str, uid: str, tmp_path: Any) -> Any:
+    """Settings on the session broker with this test's own clicks / recall / DLQ topics (2 partitions)."""
+    from stream.settings import Settings
+
+    return Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        clicks_topic=f"clicks-{uid}",
+        recall_topic=f"recall-{uid}",
+        dlq_topic=f"dlq-{uid}",
+        partitions=2,
+        run_dir=tmp_path / "run",
+    )

@@ -1,0 +1,185 @@
+"""The candidate view (`mind view`, faust over a real Tansu broker) in its own process: the latest list per
+user, 404 / 400 / 414 as JSON, stale and invalid messages never served, `mind candidates`, SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from stream.embedded.kafka import free_port
+from stream.schemas import dump_recall
+from stream.view import answer, check_user_id
+
+MIND = [sys.executable, "-m", "mind.cli"]
+T = 1_700_000_000.0
+
+
+def _recall(user: str, event: str, ts: float, produced: float, items: list[str]) -> bytes:
+    cands = [(item, 1.0 - r / 10, r % 2) for r, item in enumerate(items)]
+    return dump_recall(user, event, ts, "m-1", "i-1", cands, produced_at=produced, check=True)
+
+
+def _get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, orjson.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, orjson.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def view(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Recall messages on a fresh topic, then `mind view` on a free port, waited for until all are in."""
+    uid = f"{time.time_ns():x}"[-8:]
+    topic = f"recall-{uid}"
+    now = time.time()
+    msgs: list[tuple[bytes | None, bytes | None]] = []
+    for u in range(20):
+        for k in range(3):  # three refreshes per user; the last one must win
+            msgs.append(
+                (
+                    f"u{u}".encode(),
+                    _recall(f"u{u}", f"e{u}-{k}", T + k, now + k, [f"i{u}-{k}-{r}" for r in range(5)]),
+                )
+            )
+    msgs.append((b"u0", _recall("u0", "e0-old", T - 5, now + 9, ["old"])))  # late, older click: stale
+    msgs.append((b"u1", b"not json"))  # invalid: skipped, counted
+    msgs.append((b"u2", None))  # tombstone: u2 forgotten
+    msgs.append((b"u/1", _recall("u/1", "e-slash", T, now, ["s"])))  # legal id with a slash
+    p = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+    for key, value in msgs:
+        p.produce(topic, value, key)
+    assert p.flush(10) == 0
+
+    port = free_port()
+    env = {
+        "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+        "MIND_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "MIND_RECALL_TOPIC": topic,
+        "MIND_CLICKS_TOPIC": f"clicks-{uid}",
+        "MIND_DLQ_TOPIC": f"dlq-{uid}",
+        "MIND_PARTITIONS": "2",
+        "MIND_RUN_DIR": str(tmp_path_factory.mktemp("view")),
+    }
+    log = tmp_path_factory.mktemp("viewlog") / "view.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*MIND, "view", "--port", str(port), "--app-id", f"view-{uid}", "--log-level", "warning"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    health: dict[str, Any] = {}
+    t0 = time.monotonic()
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            health = _get(url + "/healthz")[1]
+            if health["consumed"] >= len(msgs):
+                break
+        except OSError:
+            pass
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail(f"view not ready ({health}); log:\n{log.read_text()[-3000:]}")
+    print(f"\nview answered with all {len(msgs)} messages in {time.monotonic() - t0:.1f}s")
+    yield {"url": url, "proc": proc, "health": health, "env": env, "now": now, "log": log}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_latest_list_per_user(view: dict[str, Any]) -> None:
+    for u in (0, 1, 7, 19):
+        status, body = _get(f"{view['url']}/users/u{u}/candidates")
+        assert status == 200
+        assert body["event_id"] == f"e{u}-2"  # newest click wins; u0's late older message did not
+        assert [c["item_id"] for c in body["candidates"]] == [f"i{u}-2-{r}" for r in range(5)]
+        assert (body["model_version"], body["index_version"]) == ("m-1", "i-1")
+        assert body["event_timestamp"] == T + 2 and body["produced_at"] == pytest.approx(view["now"] + 2)
+        assert 0 < body["freshness_s"] < 600
+    status, body = _get(f"{view['url']}/users/u%2F1/candidates")
+    assert status == 200 and body["user_id"] == "u/1"
+    h = view["health"]
+    assert (h["users"], h["stale"], h["invalid"], h["deleted"]) == (20, 1, 1, 1) and h["ready"]
+
+
+def test_unknown_and_hostile_ids(view: dict[str, Any]) -> None:
+    url = view["url"]
+    assert _get(f"{url}/users/nobody/candidates") == (
+        404,
+        {"error": "unknown user", "status": 404, "user_id": "nobody"},
+    )
+    assert _get(f"{url}/users/u2/candidates")[0] == 404  # deleted by its tombstone
+    for bad, why in (("x" * 129, "longer than 128"), ("a%00b", "control character"), ("a%0Ab", "control")):
+        status, body = _get(f"{url}/users/{bad}/candidates")
+        assert status == 400 and why in body["error"]
+    assert _get(f"{url}/users/{'x' * 3000}/candidates")[0] == 414
+    assert _get(f"{url}/table/")[0] == 404  # faust's table dump page is off
+    req = urllib.request.Request(f"{url}/users/u1/candidates", data=b"x" * 10_000, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=5)
+    assert exc.value.code in (405, 413)
+
+
+def test_mind_candidates(view: dict[str, Any]) -> None:
+    env, url = view["env"], view["url"]
+    out = subprocess.run(
+        [*MIND, "candidates", "u3", "--url", url, "--top", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "model m-1" in out.stdout and "i3-2-0" in out.stdout and "i3-2-3" not in out.stdout
+    assert "2 more" in out.stdout
+    js = subprocess.run(
+        [*MIND, "candidates", "u3", "--url", url, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert orjson.loads(js.stdout)["event_id"] == "e3-2"
+    missing = subprocess.run(
+        [*MIND, "candidates", "ghost", "--url", url], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert missing.returncode == 4 and "unknown user" in missing.stderr
+
+
+def test_sigterm_stops_gracefully(view: dict[str, Any]) -> None:
+    proc = view["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def test_helpers() -> None:
+    assert check_user_id("ok id é") is None and check_user_id("") == "empty user id"
+    assert "U+007F" in (check_user_id("a\x7f") or "")
+    body = answer(
+        {
+            "user_id": "u",
+            "candidates": [],
+            "model_version": "m",
+            "index_version": "i",
+            "event_id": "e",
+            "event_timestamp": 1.0,
+            "produced_at": 10.0,
+        },
+        now=12.5,
+    )
+    assert body["freshness_s"] == 2.5
