@@ -16,6 +16,7 @@ training; valid/test users are only ever seen as evaluation cases.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +71,21 @@ def _cut(
     return arr[:a], arr[a:b], arr[b:]
 
 
+def _cases(
+    inter: Interactions, users: np.ndarray, cut: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+) -> tuple[list[EvalCase], int]:
+    """One EvalCase per user with at least 2 items (history, targets = cut(sequence)); the rest counted."""
+    out, skipped = [], 0
+    for u in users.tolist():
+        seq = inter.sequences[u]
+        if len(seq) < 2:
+            skipped += 1
+            continue
+        history, targets = cut(seq)
+        out.append(EvalCase(u, history, targets))
+    return out, skipped
+
+
 def comirec_split(
     inter: Interactions,
     seed: int = 1230,
@@ -81,21 +97,13 @@ def comirec_split(
     Users with fewer than 2 items cannot give both and are skipped (counted in ``skipped``).
     """
     train, valid, test = _cut(inter, seed, ratios)
-    skipped = 0
 
-    def cases(users: np.ndarray) -> list[EvalCase]:
-        nonlocal skipped
-        out = []
-        for u in users.tolist():
-            seq = inter.sequences[u]
-            if len(seq) < 2:
-                skipped += 1
-                continue
-            k = min(max(1, int(len(seq) * hist_frac)), len(seq) - 1)
-            out.append(EvalCase(u, seq[:k], seq[k:]))
-        return out
+    def cut(seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = min(max(1, int(len(seq) * hist_frac)), len(seq) - 1)
+        return seq[:k], seq[k:]
 
-    v, t = cases(valid), cases(test)
+    (v, sv), (t, st) = _cases(inter, valid, cut), _cases(inter, test, cut)
+    skipped = sv + st
     return Split(train, v, t, valid, test, skipped=skipped, protocol="comirec", seed=seed)
 
 
@@ -112,21 +120,13 @@ def mind_paper_split(
     """
     train, valid, test = _cut(inter, seed, ratios)
     rng = random.Random(seed if target_seed is None else target_seed)
-    skipped = 0
 
-    def cases(users: np.ndarray) -> list[EvalCase]:
-        nonlocal skipped
-        out = []
-        for u in users.tolist():
-            seq = inter.sequences[u]
-            if len(seq) < 2:
-                skipped += 1
-                continue
-            t = rng.randrange(1, len(seq))
-            out.append(EvalCase(u, seq[:t], seq[t : t + 1]))
-        return out
+    def cut(seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        t = rng.randrange(1, len(seq))
+        return seq[:t], seq[t : t + 1]
 
-    v, t = cases(valid), cases(test)
+    (v, sv), (t, st) = _cases(inter, valid, cut), _cases(inter, test, cut)
+    skipped = sv + st
     return Split(train, v, t, valid, test, skipped=skipped, protocol="mind", seed=seed)
 
 
