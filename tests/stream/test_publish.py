@@ -109,7 +109,11 @@ def test_bad_line_refused_before_sending_skip_or_raw(tmp_path: Path, topic_setti
 def test_rate_is_roughly_honoured(click_log: Path, topic_settings: Any) -> None:
     stats = publish(click_log, topic_settings, rate=1000, limit=300, progress=False)
     assert stats.delivered == 300
-    assert 500 <= stats.rate <= 1100, stats.as_dict()  # loose: a shared 2-core machine
+    # pacing never runs ahead of the schedule (299 gaps of 1 ms); how much slower a loaded machine is
+    # says nothing about the pacing, so there is no lower bound on the rate (the schedule is unit-tested)
+    assert stats.seconds >= 0.299 and stats.rate <= 1100, stats.as_dict()
+    rate_schedule = Schedule(rate=1000, speedup=None)
+    assert [rate_schedule.due(n, None) for n in (0, 1, 300)] == [0.0, 0.001, 0.3]
 
 
 def test_speedup_follows_the_original_gaps() -> None:
