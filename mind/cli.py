@@ -14,6 +14,51 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="MIND Stream:
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each writes a JSON results file.")
 app.add_typer(bench_app, name="bench")
 
+
+@app.callback()
+def _defaults_from_file(
+    ctx: typer.Context,
+    defaults: Annotated[
+        Path | None,
+        typer.Option(
+            "--defaults",
+            envvar="MIND_DEFAULTS",
+            exists=True,
+            dir_okay=False,
+            help="TOML file of option defaults, one table per command ([train], [evaluate], [bench.train]).",
+        ),
+    ] = None,
+) -> None:
+    """Option defaults from a file; flags and MIND_* variables still win (click's default_map)."""
+    if defaults is not None:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+
+        with defaults.open("rb") as f:
+            tables = {k: v for k, v in tomllib.load(f).items() if isinstance(v, dict)}
+        ctx.default_map = _by_param_name(ctx.command, tables)
+
+
+def _by_param_name(group, tables: dict) -> dict:
+    """Keys may be spelt like the flags (`dim`, `max-len`); click's default_map wants parameter names."""
+    out = {}
+    for name, table in tables.items():
+        cmd = group.commands.get(name) if hasattr(group, "commands") else None
+        if cmd is None:
+            raise typer.BadParameter(f"no command {name!r}", param_hint="--defaults")
+        if hasattr(cmd, "commands"):  # a group such as `bench`
+            out[name] = _by_param_name(cmd, table)
+            continue
+        names = {o.lstrip("-").replace("-", "_"): p.name for p in cmd.params for o in p.opts}
+        names.update({p.name: p.name for p in cmd.params})
+        unknown = sorted(set(k.replace("-", "_") for k in table) - set(names))
+        if unknown:
+            raise typer.BadParameter(f"[{name}] has no option {', '.join(unknown)}", param_hint="--defaults")
+        out[name] = {names[k.replace("-", "_")]: v for k, v in table.items()}
+    return out
+
 Data = Annotated[
     Path | None,
     typer.Option(
@@ -240,15 +285,121 @@ def explain(
     typer.echo(f"wrote {out} ({w.shape[0]} behaviours x {w.shape[1]} interests)")
 
 
+Speed = Annotated[
+    str,
+    typer.Option("--speed", envvar="MIND_REPLAY_SPEED", help="asap, or N = N times the original pacing."),
+]
+Users = Annotated[int | None, typer.Option("--users", min=1, help="Replay only the first N test users.")]
+
+
+def _speed(value: str) -> str | float:
+    if value == "asap":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter("asap or a number", param_hint="--speed") from None
+
+
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/demo/report.json"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="demo.json (PNGs beside it).")] = Path(
+        "runs/demo/demo.json"
+    ),
     data: Data = None,
     fmt: Fmt = "auto",
+    skip_bad: SkipBad = False,
     budget: BUDGET_ = 60.0,
+    epochs: EPOCHS_ = 30,
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="Checkpoints, model repo, stack.")] = Path(
+        "runs/demo"
+    ),
+    users: Users = None,
+    synthetic_users: Annotated[
+        int, typer.Option("--synthetic-users", min=50, help="Size of the synthetic data set.")
+    ] = 2000,
+    speed: Speed = "asap",
+    rate: Annotated[float, typer.Option("--rate", min=0.0, help="Clicks/s cap (0 = none).")] = 300.0,
 ) -> None:
-    """The main job end to end on the embedded default (synthetic planted data unless --data)."""
-    evaluate(out=out, data=data, fmt=fmt, budget=budget, checkpoints=out.parent / "checkpoints")
+    """The whole system end to end: train, export, embedded stack, index, worker + view, replay, stop."""
+    from stream.demo import run_demo
+    from stream.embedded.stack import StackError, terminate_as_interrupt
+    from stream.settings import load_settings
+
+    _setup_logging(False)
+    if data is None:
+        from mind.synthetic import generate
+
+        inter = generate(n_users=synthetic_users)
+    else:
+        inter = _load(data, fmt, skip_bad)
+    try:
+        with terminate_as_interrupt():
+            run_demo(
+                inter,
+                out,
+                run_dir,
+                load_settings(None, metrics_port=0, log_level="WARNING"),
+                budget_s=budget,
+                epochs=epochs,
+                users=users,
+                speed=_speed(speed),
+                rate=rate or None,
+                echo=typer.echo,
+            )
+    except KeyboardInterrupt:
+        typer.echo("interrupted: everything started was stopped", err=True)
+        raise typer.Exit(130) from None
+    except StackError as exc:
+        _fail(exc)
+    typer.echo(f"\nwrote {out} and its PNGs")
+
+
+@app.command()
+def replay(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="The trained model.")],
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("replay.json"),
+    data: Data = None,
+    fmt: Fmt = "auto",
+    skip_bad: SkipBad = False,
+    speed: Speed = "asap",
+    rate: Annotated[float, typer.Option("--rate", min=0.0, help="Clicks/s cap (0 = none).")] = 0.0,
+    users: Users = None,
+    run_dir: Annotated[
+        Path, typer.Option("--run-dir", help="Model repo and stack, when started here.")
+    ] = Path("runs/replay"),
+) -> None:
+    """Replay the test users' histories through Kafka -> worker -> recall; streaming vs offline metrics.
+
+    The data set must be the checkpoint's (synthetic default: `mind train` without --data). Starts the
+    embedded stack unless every address is configured (then the model must be served and indexed)."""
+    import json
+
+    from mind.split import comirec_split
+    from stream.demo import serving, summary_table, write_replay
+    from stream.embedded.stack import StackError, terminate_as_interrupt
+    from stream.replay import replay as run_replay
+    from stream.settings import load_settings
+
+    _setup_logging(False)
+    inter = _load(data, fmt, skip_bad)
+    cases = comirec_split(inter, seed=1230).test[: users or None]
+    settings = load_settings(None, log_level="WARNING")
+    try:
+        with terminate_as_interrupt(), serving(checkpoint, run_dir, settings) as (s, version):
+            rep = run_replay(
+                checkpoint, inter, s, cases, _speed(speed), rate=rate or None, model_version=version
+            )
+    except KeyboardInterrupt:
+        typer.echo("interrupted: everything started was stopped", err=True)
+        raise typer.Exit(130) from None
+    except (StackError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    d = rep.as_dict()
+    write_replay(d, out, rep.latencies_ms)
+    typer.echo(summary_table(d))
+    typer.echo(json.dumps(d["agreement"]))
+    typer.echo(f"wrote {out}")
 
 
 @bench_app.command("train")

@@ -67,3 +67,26 @@ def test_cli_reports_a_malformed_file_with_its_line(tmp_path):
     )
     assert res.exit_code == 2
     assert "seq.txt:2" in res.output
+
+
+def test_cli_reads_option_defaults_from_a_file_and_flags_win(tmp_path, monkeypatch):
+    log = tmp_path / "clicks.jsonl"
+    to_jsonl(generate(n_users=120, n_items=80, n_categories=4, seed=7), log)
+    cfg = tmp_path / "mind.toml"
+    cfg.write_text(f'[train]\ndata = "{log}"\nepochs = 1\ndim = 8\nneg = 20\nbudget = 30\n')
+    runner = CliRunner()
+    res = runner.invoke(app, ["--defaults", str(cfg), "train", "--out", str(tmp_path / "a.pt")])
+    assert res.exit_code == 0, res.output
+    assert "best epoch 1/1" in res.output
+    res = runner.invoke(
+        app, ["--defaults", str(cfg), "train", "--out", str(tmp_path / "b.pt"), "--epochs", "2"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "/2" in res.output
+    from mind.train import load_checkpoint
+
+    model, _ = load_checkpoint(tmp_path / "a.pt")
+    assert model.cfg.d == 8
+    cfg.write_text("[train]\nepoch = 1\n")
+    res = runner.invoke(app, ["--defaults", str(cfg), "train"])
+    assert res.exit_code == 2 and "has no option epoch" in res.output
