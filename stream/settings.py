@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     )
     heartbeat_interval_ms: int | None = Field(None, ge=1, description="None = session_timeout_ms / 3.")
     max_poll_interval_ms: int = Field(300_000, ge=1)
+    fetch_wait_max_ms: int = Field(
+        10, ge=0, description="Longest a fetch waits for data; librdkafka's 500 ms default dominated latency."
+    )
     assignment_strategy: str = Field(
         "range", description="Eager; cooperative-sticky never finished a rebalance on Tansu 0.6."
     )
@@ -153,7 +156,9 @@ class Settings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="Bind address of /metrics (0.0.0.0 to be scraped).")
     window_len: int = Field(50, ge=1, description="Behaviours kept per user (the model's max_len).")
     batch_max: int = Field(256, ge=1, description="Micro-batch bound by count.")
-    batch_timeout_ms: int = Field(100, ge=1, description="Micro-batch bound by time.")
+    batch_timeout_ms: int = Field(
+        20, ge=1, description="Micro-batch bound by time (a partial batch waits this long)."
+    )
     recall_n: int = Field(50, ge=1, description="Candidates per recall message.")
     max_event_bytes: int = Field(65536, ge=64, description="Bigger click payloads go to the DLQ (too_large).")
     max_future_skew_s: float = Field(
@@ -296,6 +301,7 @@ def kafka_config(
                 or max(1, settings.session_timeout_ms // 3),
                 "max.poll.interval.ms": settings.max_poll_interval_ms,
                 "partition.assignment.strategy": settings.assignment_strategy,
+                "fetch.wait.max.ms": settings.fetch_wait_max_ms,
             }
         )
     elif role != "admin":
