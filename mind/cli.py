@@ -570,6 +570,52 @@ def bench_serving(
     typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
 
 
+@bench_app.command("pipeline")
+def bench_pipeline(
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("benchmarks/pipeline.json"),
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint", "-c", help="Default: runs/beauty/mind.pt, else random-init, Beauty-sized."
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Users' clicks (the checkpoint's data set); default: Beauty if it fits."),
+    ] = None,
+    fmt: Fmt = "auto",
+    loads: Annotated[str, typer.Option(help="Offered loads, clicks/s.")] = "100,500,2000",
+    seconds: Annotated[float, typer.Option(min=0.5, help="Seconds per load.")] = 15.0,
+    asap_clicks: Annotated[int, typer.Option(min=0, help="Clicks of the as-fast-as-possible run.")] = 20_000,
+    reference_clicks: Annotated[int, typer.Option(min=1, help="Clicks timed in process.")] = 8192,
+    items: Annotated[int, typer.Option(min=3, help="Catalogue size of the random-init model.")] = 12_103,
+) -> None:
+    """End-to-end latency and throughput on the embedded stack beside the in-process reference."""
+    from mind.bench_pipeline import DEFAULT_DATA, PipelineSizes, run, table
+    from stream.embedded.stack import StackError, terminate_as_interrupt
+
+    _setup_logging(False)
+    if data is None and checkpoint is None and DEFAULT_DATA.exists():
+        data = DEFAULT_DATA
+    sizes = PipelineSizes(
+        loads=tuple(int(x) for x in loads.split(",") if x.strip()),
+        seconds=seconds,
+        asap_clicks=asap_clicks,
+        reference_clicks=reference_clicks,
+        n_items=items,
+    )
+    try:
+        with terminate_as_interrupt():
+            res = run(out, checkpoint, _load(data, fmt, False) if data else None, sizes, log=typer.echo)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: everything started was stopped", err=True)
+        raise typer.Exit(130) from None
+    except StackError as exc:
+        _fail(exc)
+    typer.echo(table(res))
+    typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
+
+
 from stream.cli import register  # noqa: E402
 
 register(app)
