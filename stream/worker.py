@@ -569,8 +569,10 @@ def configure_logging(settings: Settings) -> None:
             render,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, settings.log_level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
+        # sys.stderr looked up at each write, not bound once: a process that swaps its stderr (pytest's
+        # capture, a daemon redirecting logs) must not leave the worker writing to a closed file.
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
+        cache_logger_on_first_use=False,
     )
 
 
