@@ -380,10 +380,14 @@ def run(
         "stages_at": "asap" if asap else f"{max(loads, key=float)} clicks/s",
         "worker": {
             k: getattr(s, k)
-            for k in ("batch_max", "batch_timeout_ms", "partitions", "producer_linger_ms")
-            if hasattr(s, k)
-        }
-        | ({"fetch_wait_max_ms": s.fetch_wait_max_ms} if hasattr(s, "fetch_wait_max_ms") else {}),
+            for k in (
+                "batch_max",
+                "batch_timeout_ms",
+                "fetch_wait_max_ms",
+                "partitions",
+                "producer_linger_ms",
+            )
+        },
         "notes": (
             "publisher, reader and worker are threads of one process (one GIL) beside the 4 servers on "
             "the same cores; max_sustained_cps is the asap run's consumed rate (or the highest fixed load "
