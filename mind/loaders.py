@@ -190,6 +190,23 @@ def _lines(path: Path, skips: _Skips) -> Iterator[tuple[int, str]]:
                 yield no, text
 
 
+def _row_click(
+    b: _Builder, skips: _Skips, path: Path, no: int, user: str, item: str, ts_raw: str | None
+) -> None:
+    """One interaction row of a table (RecBole `.inter` or pairs): checked, then recorded or reported."""
+    if not user or not item:
+        skips.bad(DataError(path, no, "empty user or item"))
+        return
+    ts = 0.0
+    if ts_raw is not None:
+        t = _float(ts_raw)
+        if t is None:
+            skips.bad(DataError(path, no, f"non-numeric timestamp {ts_raw!r}"))
+            return
+        ts = t
+    b.click(user, item, ts)
+
+
 def _float(value: str) -> float | None:
     try:
         x = float(value)
@@ -263,18 +280,9 @@ def load_recbole(path: str | Path, skip_bad: bool = False) -> Interactions:
     ti = _col(inter_path, header, ("timestamp",), required=False)
     assert ui is not None and ii is not None
     for no, row in rows:
-        user, item = row[ui].strip(), row[ii].strip()
-        if not user or not item:
-            skips.bad(DataError(inter_path, no, "empty user_id or item_id"))
-            continue
-        ts = 0.0
-        if ti is not None:
-            t = _float(row[ti])
-            if t is None:
-                skips.bad(DataError(inter_path, no, f"non-numeric timestamp {row[ti]!r}"))
-                continue
-            ts = t
-        b.click(user, item, ts)
+        _row_click(
+            b, skips, inter_path, no, row[ui].strip(), row[ii].strip(), None if ti is None else row[ti]
+        )
 
     item_path = inter_path.with_suffix(".item")
     if item_path.exists():
@@ -439,17 +447,7 @@ def load_pairs(path: str | Path, skip_bad: bool = False) -> Interactions:
             reason = f"expected {_plural(width, 'field')} like line {first[0]}, got {len(f)}"
             skips.bad(DataError(p, no, reason))
             continue
-        if not f[ui] or not f[ii]:
-            skips.bad(DataError(p, no, "empty user or item"))
-            continue
-        ts = 0.0
-        if ti is not None:
-            t = _float(f[ti])
-            if t is None:
-                skips.bad(DataError(p, no, f"non-numeric timestamp {f[ti]!r}"))
-                continue
-            ts = t
-        b.click(f[ui], f[ii], ts)
+        _row_click(b, skips, p, no, f[ui], f[ii], None if ti is None else f[ti])
     return b.build(p.stem, has_ts=ti is not None, skips=skips)
 
 
