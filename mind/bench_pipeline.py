@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import torch
 
 from mind.bench_serving import BEAUTY, _machine, random_checkpoint
 from mind.dataset import Interactions, pad_windows
+from mind.experiment import write_json
 from mind.split import EvalCase
 
 DEFAULT_CHECKPOINT = Path("runs/beauty/mind.pt")
@@ -399,8 +399,7 @@ def run(
         "seconds": round(time.perf_counter() - t_start, 1),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    write_json(out, res)
     plot_latency(
         lat,
         out.with_suffix(".png"),

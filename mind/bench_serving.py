@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import torch
 
 from mind.dataset import Interactions, Vocab
+from mind.experiment import write_json
 from mind.model import MIND, MINDConfig
 
 # Beauty as the project trains it (runs/beauty/*.pt): 12,103 item indices, d=64, L=14, 6 side ids per
@@ -562,8 +562,7 @@ def run(
         "seconds": round(time.perf_counter() - t_start, 1),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    write_json(out, res)
     plot_latency(
         raw,
         out.with_suffix(".png"),

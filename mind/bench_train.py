@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orjson
 import torch
 
 from mind.dataset import Interactions
-from mind.experiment import LEARNED, machine
+from mind.experiment import LEARNED, machine, write_json
 from mind.model import MIND
 from mind.split import comirec_split
 from mind.train import feature_tables, model_config_for, negative_distribution, recommend, training_examples
@@ -87,7 +86,5 @@ def run(inter: Interactions, out: Path, steps: int = 60, batch: int = 256, neg: 
         }
         print(f"eval  {name:<12} {len(split.test)} users in {dt:.2f} s", flush=True)
     torch.set_num_threads(default_threads)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    write_json(out, results)
     return results

@@ -59,6 +59,7 @@ def _by_param_name(group, tables: dict) -> dict:
         out[name] = {names[k.replace("-", "_")]: v for k, v in table.items()}
     return out
 
+
 Data = Annotated[
     Path | None,
     typer.Option(

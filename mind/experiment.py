@@ -34,6 +34,14 @@ LEARNED = {
 }
 
 
+def write_json(out: Path, obj: dict) -> Path:
+    """A report or benchmark result as indented JSON (numpy values allowed), creating its folder."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    return out
+
+
 def machine() -> dict:
     return {
         "platform": platform.platform(),
@@ -138,8 +146,7 @@ def _train_model(
 
 def write_report(report: dict, out: Path) -> None:
     """JSON report plus a metric-vs-N plot beside it (same stem, .png)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    write_json(out, report)
     plot_metric_vs_n(report["models"], out.with_suffix(".png"), metric="recall")
 
 
