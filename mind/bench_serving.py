@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata as md
 import os
-import platform
 import signal
 import statistics
 import tempfile
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from mind.dataset import Interactions, Vocab
-from mind.experiment import write_json
+from mind.experiment import machine, write_json
 from mind.model import MIND, MINDConfig
 
 # Beauty as the project trains it (runs/beauty/*.pt): 12,103 item indices, d=64, L=14, 6 side ids per
@@ -151,11 +150,8 @@ def _machine() -> dict[str, Any]:
             return None
 
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        **machine(),  # platform, processor, python, torch
         "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "numpy": np.__version__,
         "pymilvus": ver("pymilvus"),
@@ -470,7 +466,7 @@ def run(
     t_start = time.perf_counter()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, sizes.threads))
-    machine = _machine()
+    host = _machine()
     try:
         with _sigterm_as_interrupt(), contextlib.ExitStack() as stack:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mind-bench-serving-")))
@@ -537,7 +533,7 @@ def run(
     finally:
         torch.set_num_threads(old_threads)
 
-    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    host["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     res: dict[str, Any] = {
         "triton": triton_res,
         "milvus": milvus_res,
@@ -558,7 +554,7 @@ def run(
             "P": int(profiles.shape[1]),
         },
         "sizes": asdict(sizes),
-        "machine": machine,
+        "machine": host,
         "seconds": round(time.perf_counter() - t_start, 1),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -567,6 +563,6 @@ def run(
         raw,
         out.with_suffix(".png"),
         f"Triton (gRPC, Python backend) vs in-process torch tower, same windows\n{source}; "
-        f"load average {machine['loadavg_start']} (shared machine)",
+        f"load average {host['loadavg_start']} (shared machine)",
     )
     return res
