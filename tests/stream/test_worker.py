@@ -388,7 +388,10 @@ def test_two_workers_and_a_rebalance_lose_nothing(
     worker_model: Any, kafka_bootstrap: str, redis_url: str, uid: str
 ) -> None:
     wm = worker_model
-    s = wm.settings(kafka_bootstrap, redis_url, uid, window_len=64, batch_max=16)
+    # max.poll.interval.ms is also the JoinGroup's rebalance timeout: in about one full-suite run in five
+    # Tansu left this group's rebalance pending after the first member left (no assignment for 60 s);
+    # a 15 s bound lets the coordinator finish the round with the members it has, as Kafka does.
+    s = wm.settings(kafka_bootstrap, redis_url, uid, window_len=64, batch_max=16, max_poll_interval_ms=15_000)
     setup_topics(s)
     users = [str(u) for u in range(40)]
     clicks = make_clicks(wm, uid, users, per_user=30, seed=3)
