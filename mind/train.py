@@ -2,18 +2,27 @@
 
 Every (history, next item) pair of the training users is one example; the validation users pick
 the best epoch (early stopping), so the test users are never looked at while training.
+
+Under `torchrun` the same `train` runs data-parallel (DDP): see `distributed()` and docs/training.md.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 import math
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
+from torch import nn
 from tqdm.auto import tqdm
 
 from mind.dataset import Interactions, Vocab, pad_windows
@@ -46,6 +55,94 @@ class TrainResult:
     samples_per_s: float
     seconds: float
     history: list[dict] = field(default_factory=list)
+    steps: int = 0  # optimizer steps (the same on every DDP rank)
+    replicas: list[str] = field(default_factory=list)  # state_checksum of the final model, per rank
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits in a torchrun job; the default is the plain single process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    active: bool = False  # a process group is initialised: wrap in DDP, shard, all-reduce
+
+    @property
+    def main(self) -> bool:
+        """Only the main rank writes checkpoints, logs and progress bars."""
+        return self.rank == 0
+
+
+@contextmanager
+def distributed() -> Iterator[Dist]:
+    """Join torchrun's process group if launched by it; a plain process gets `Dist()` and no group.
+
+    torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (env:// init). With
+    CUDA each process takes cuda:LOCAL_RANK and nccl, otherwise the CPU and gloo. On success the
+    ranks meet at a barrier before the group is destroyed, so none exits while another still saves.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        yield Dist()
+        return
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = f"cuda:{local}", "nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    tdist.init_process_group(backend=backend)
+    d = Dist(tdist.get_rank(), tdist.get_world_size(), local, device, active=True)
+    try:
+        yield d
+        if backend == "nccl":
+            tdist.barrier(device_ids=[local])
+        else:
+            tdist.barrier()
+    finally:
+        tdist.destroy_process_group()
+
+
+class _LossStep(nn.Module):
+    """DDP syncs gradients only for what runs through its forward(); MIND's training entry is .loss()."""
+
+    def __init__(self, model: MIND):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor | None) -> torch.Tensor:
+        return self.model.loss(*args)
+
+
+def shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's share of one epoch's example order, as DistributedSampler cuts it.
+
+    The order is wrapped around to a multiple of `world` so that every rank runs the same number
+    of steps (one rank with an extra step would wait forever in DDP's all-reduce).
+    """
+    if world == 1:
+        return order
+    per = -(-len(order) // world)
+    return np.resize(order, per * world)[rank::world]
+
+
+def state_checksum(model: nn.Module) -> str:
+    """sha256 of every weight and buffer: equal on all DDP replicas and in the saved checkpoint."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _all_reduce(values: list[float], d: Dist, op: str = "sum") -> list[float]:
+    """Sum (or "max") a few numbers over the ranks; identity in a single process."""
+    if not d.active:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM)
+    return t.tolist()
 
 
 def feature_tables(inter: Interactions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,13 +207,17 @@ def negative_distribution(
 def encode(
     model: MIND, inter: Interactions, histories: list[np.ndarray], users: np.ndarray, batch: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The user tower in process: interest vectors [B,K,d] and active mask [B,K] for histories."""
-    side_t, prof_t = feature_tables(inter)
+    """The user tower in process: interest vectors [B,K,d] and active mask [B,K] for histories.
+
+    Runs on the model's device (a DDP rank validates on its GPU); the results stay there.
+    """
+    dev = next(model.parameters()).device
+    side_t, prof_t = (t.to(dev) for t in feature_tables(inter))
     model.eval()
     Vs, actives = [], []
     for i in range(0, len(histories), batch):
-        ids = torch.as_tensor(pad_windows(histories[i : i + batch], model.cfg.max_len))
-        V, active = model(ids, side_t[ids], prof_t[torch.as_tensor(users[i : i + batch])])
+        ids = torch.as_tensor(pad_windows(histories[i : i + batch], model.cfg.max_len)).to(dev)
+        V, active = model(ids, side_t[ids], prof_t[torch.as_tensor(users[i : i + batch]).to(dev)])
         Vs.append(V)
         actives.append(active)
     return torch.cat(Vs), torch.cat(actives)
@@ -126,11 +227,25 @@ def encode(
 def recommend(model: MIND, inter: Interactions, cases: list, n: int) -> np.ndarray:
     """Offline retrieval exactly as served: per-interest exact top-n, merged by max score (Eq. 3)."""
     side_t, _ = feature_tables(inter)
-    items = model.item_vectors(side_t)  # [M,d]
+    items = model.item_vectors(side_t.to(next(model.parameters()).device))  # [M,d]
     V, active = encode(model, inter, [c.history for c in cases], np.array([c.user for c in cases]))
     ids, scores = exact_topn(V, active, items, n)  # [B,K,n]
     merged, _, _ = merge_interests(ids, scores, n)
     return np.asarray(merged)
+
+
+def _validate(model: MIND, inter: Interactions, cases: list, d: Dist) -> dict:
+    """Validation metrics; under DDP each rank ranks its share of the users and the means are pooled."""
+    from mind.evaluate import evaluate_ranked, evaluate_ranked_per_user
+    from mind.metrics import DEFAULT_NS, METRICS
+
+    if not d.active:
+        return evaluate_ranked(recommend(model, inter, cases, 100), cases)
+    mine = cases[d.rank :: d.world]
+    keys = [f"{m}@{n}" for m in METRICS for n in DEFAULT_NS]
+    per = evaluate_ranked_per_user(recommend(model, inter, mine, 100), mine) if mine else {}
+    *sums, count = _all_reduce([float(per[k].sum()) if mine else 0.0 for k in keys] + [len(mine)], d)
+    return {k: s / count if count else 0.0 for k, s in zip(keys, sums, strict=True)}
 
 
 def train(
@@ -141,29 +256,57 @@ def train(
     cfg: TrainConfig,
     ckpt: Path | None = None,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> TrainResult:
-    """Adam on the sampled softmax; keeps the weights of the best validation epoch."""
-    from mind.evaluate import evaluate_ranked
+    """Adam on the sampled softmax; keeps the weights of the best validation epoch.
 
+    With an active `dist` (torchrun) the model is DDP-wrapped on `dist.device`: every rank takes
+    its shard of the same shuffled examples, `cfg.batch_size` per rank per step (the global batch
+    is world x batch_size), draws its own negatives (seed + rank), and gradients are averaged, so
+    the replicas stay identical. Loss and validation metrics are pooled over the ranks; only rank
+    0 writes `ckpt` and shows progress. Without it (the default) nothing changes: same results
+    for the same seed as before DDP existed.
+    """
+    d = dist or Dist()
+    progress = progress and d.main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    side_t, prof_t = feature_tables(inter)
+    torch.manual_seed(cfg.seed + d.rank)  # per-rank negatives; rank 0 draws as a single process does
+    rng = np.random.default_rng(cfg.seed)  # the same shuffle on every rank; each takes its shard
+    dev = torch.device(d.device)
+    model.to(dev)
+    side_t, prof_t = (t.to(dev) for t in feature_tables(inter))
     H, T, U = training_examples(inter.sequences, np.asarray(train_users), model.cfg.max_len)
-    H_t, T_t, U_t = torch.as_tensor(H), torch.as_tensor(T), torch.as_tensor(U)
+    H_t, T_t, U_t = (torch.as_tensor(a).to(dev) for a in (H, T, U))
     q = negative_distribution(inter.sequences, np.asarray(train_users), inter.n_items, cfg.neg_sampler)
+    q = q.to(dev)
     log_q = torch.log(q.clamp(min=1e-12) * cfg.neg) if cfg.neg_sampler != "uniform" else None
+    step: nn.Module | None = None
+    if d.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # DDP broadcasts rank 0's weights here, so the replicas start identical whatever the seed.
+        # YouTube DNN (mean pooling) never touches S: only then must DDP look for unused parameters.
+        # No buffer sync per step: the only buffer, b_init, is drawn from cfg.init_seed and never
+        # changes. torch 2.13 renamed the flag (and deprecated the old one); older ones lack it.
+        fixed = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+        step = DDP(
+            _LossStep(model),
+            device_ids=[d.local_rank] if dev.type == "cuda" else None,
+            find_unused_parameters=model.mean_pooling,
+            **({"forward_sync_buffers": False} if fixed else {"broadcast_buffers": False}),
+        )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     best, best_epoch, best_state, history = -math.inf, -1, None, []
-    start, seen, bad = time.perf_counter(), 0, 0
+    start, seen, bad, steps = time.perf_counter(), 0, 0, 0
     train_seconds = 0.0
     epoch = 0
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        order = torch.as_tensor(rng.permutation(len(T)))
-        t0, total = time.perf_counter(), 0.0
+        (step if step is not None else model).train()
+        order = torch.as_tensor(shard(rng.permutation(len(T)), d.rank, d.world)).to(dev)
+        t0 = time.perf_counter()
+        total = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device: no sync per step
         bar = tqdm(
             range(0, len(order), cfg.batch_size),
             desc=f"epoch {epoch}",
@@ -174,40 +317,60 @@ def train(
             idx = order[i : i + cfg.batch_size]
             ids, label, rows = H_t[idx], T_t[idx], U_t[idx]
             neg = torch.multinomial(q, cfg.neg, replacement=True)
-            loss = model.loss(ids, side_t[ids], prof_t[rows], label, side_t[label], neg, side_t[neg], log_q)
+            args = (ids, side_t[ids], prof_t[rows], label, side_t[label], neg, side_t[neg], log_q)
+            loss = step(*args) if step is not None else model.loss(*args)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            total += loss.detach().double() * len(idx)
             seen += len(idx)
+            steps += 1
         train_seconds += time.perf_counter() - t0
-        metrics = evaluate_ranked(recommend(model, inter, valid_cases, 100), valid_cases)
+        loss_sum, n_examples = _all_reduce([float(total), float(len(order))], d)
+        epoch_loss = loss_sum / max(n_examples, 1.0)
+        metrics = _validate(model, inter, valid_cases, d)
         score = metrics[cfg.select_metric]
         history.append(
-            {"epoch": epoch, "loss": total / len(T), **{k: metrics[k] for k in ("recall@50", "hr@50")}}
+            {"epoch": epoch, "loss": epoch_loss, **{k: metrics[k] for k in ("recall@50", "hr@50")}}
         )
-        log.info("epoch %d loss %.4f valid %s %.4f", epoch, total / len(T), cfg.select_metric, score)
+        if d.main:
+            log.info("epoch %d loss %.4f valid %s %.4f", epoch, epoch_loss, cfg.select_metric, score)
         if progress:
-            tqdm.write(f"epoch {epoch}: loss {total / len(T):.4f}  valid {cfg.select_metric} {score:.4f}")
-        if score > best:
+            tqdm.write(f"epoch {epoch}: loss {epoch_loss:.4f}  valid {cfg.select_metric} {score:.4f}")
+        if score > best:  # every rank sees the same pooled score, so all take the same branch
             best, best_epoch, bad = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             best_valid = metrics
-            if ckpt is not None:
+            if ckpt is not None and d.main:
                 save_checkpoint(ckpt, model, inter, cfg, extra={"epoch": epoch, "valid": metrics})
         else:
             bad += 1
-        if bad >= cfg.patience or time.perf_counter() - start > cfg.max_seconds:
+        # the wall clock differs per rank: stop when any rank is over budget, all at the same epoch
+        (late,) = _all_reduce([float(time.perf_counter() - start > cfg.max_seconds)], d, "max")
+        if bad >= cfg.patience or late:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.to("cpu")  # callers save, export and evaluate on the CPU; a no-op for a CPU run
+    replicas = [state_checksum(model)]
+    if d.active:
+        replicas = [""] * d.world
+        tdist.all_gather_object(replicas, state_checksum(model))
+        if len(set(replicas)) != 1:
+            raise RuntimeError(f"DDP replicas diverged (parameter checksum per rank: {replicas})")
+    seen_all, train_seconds_max = (
+        _all_reduce([float(seen)], d)[0],
+        _all_reduce([train_seconds], d, "max")[0],
+    )
     return TrainResult(
         epochs_run=epoch,
         best_epoch=best_epoch,
         best_valid=best_valid if best_state is not None else {},
-        samples_per_s=seen / max(train_seconds, 1e-9),
+        samples_per_s=seen_all / max(train_seconds_max, 1e-9),
         seconds=time.perf_counter() - start,
         history=history,
+        steps=steps,
+        replicas=replicas,
     )
 
 
