@@ -242,9 +242,11 @@ def dump_recall(
     candidates: Iterable[Candidate | tuple[Any, Any, Any] | Mapping[str, Any]],
     produced_at: float | None = None,
     *,
+    click: tuple[int, int] | None = None,
     check: bool = False,
 ) -> bytes:
     """One recall.v1 message. Candidates are (item_id, score, interest) tuples or mappings, best first.
+    `click` is the triggering click's (partition, offset), which orders a user's messages in the view.
 
     Values are cast to str/float/int so numpy scalars serialise. `check=True` validates (tests, debug).
     """
@@ -265,6 +267,8 @@ def dump_recall(
         "index_version": str(index_version),
         "candidates": cands,
     }
+    if click is not None:
+        d["click_partition"], d["click_offset"] = int(click[0]), int(click[1])
     if check:
         validate(RECALL_V1, d)
     return orjson.dumps(d)

@@ -1,15 +1,22 @@
 """The candidate view: a faust-streaming app that materialises `recall` into a table and serves it over HTTP.
 
-    GET /users/{id}/candidates -> {user_id, candidates, model_version, index_version, event_id,
-                                   event_timestamp, produced_at, freshness_s}
-                                  404 unknown user, 400 bad id (empty, > 128 chars, control chars),
-                                  414 URL > 2 KiB, 503 too many requests in flight or table restoring
+    GET /users/{id}/candidates[?n=N] -> {user_id, candidates (the best N, 1..10000; all without n),
+                                   model_version, index_version, event_id, event_timestamp, produced_at,
+                                   freshness_s}
+                                  404 unknown user; 400 bad id (empty, > 128 chars, control chars,
+                                  malformed percent-encoding, not UTF-8), bad n, unknown or repeated query
+                                  parameter, query not UTF-8; 413 any request body; 414 URL > 2 KiB;
+                                  503 too many requests in flight or table restoring
     GET /healthz               -> {status, ready, users, consumed, invalid, stale, deleted, rejected_requests}
 
-Every error is JSON ({"error", "status"}); bodies over 1 KiB are refused (aiohttp client_max_size).
+Every error the app answers is JSON ({"error", "status"}). Requests that aiohttp's HTTP parser refuses
+before any handler runs (raw non-ASCII bytes in the request line, a request line over 4 KiB, a header
+over 4 KiB, more than 64 headers, a malformed request line) get its plain-text 400. Idle keep-alive
+connections are closed after 15 s. Hostile requests are tested in tests/stream/test_hostile.py.
 
-Latest wins: a message replaces the stored one only when its (event_timestamp, produced_at) is not
-older, so a re-delivered or late duplicate never rolls a user back. A tombstone (null value) deletes.
+Latest wins: a message replaces the stored one only when its (click_offset, event_timestamp, produced_at)
+is not older, so a re-delivered or late duplicate never rolls a user back, and a click with an earlier
+timestamp that arrived later still refreshes the list. A tombstone (null value) deletes.
 Invalid recall messages are counted and skipped (the view never crashes on its input).
 
 Store: memory:// by default. The table lives in this process and is rebuilt at start from its changelog
@@ -41,9 +48,11 @@ sharing an id split the partitions between them, and each then answers only for 
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 import time
 import unicodedata
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +68,13 @@ DEFAULT_PORT = 6066
 MAX_ID_CHARS = 128  # as click.v1 / recall.v1 user_id
 MAX_URL_BYTES = 2048
 MAX_IN_FLIGHT = 256
+MAX_N = 10_000  # recall.v1 candidates maxItems
+MAX_PARAMS = 8
+# aiohttp's HTTP parser and connection limits (its defaults: 8190-byte lines and headers, 128 headers,
+# idle keep-alive for an hour)
+HANDLER_LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 64, "keepalive_timeout": 15.0}
 TABLE = "candidates"
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def check_user_id(user_id: str) -> str | None:
@@ -74,17 +89,61 @@ def check_user_id(user_id: str) -> str | None:
     return None
 
 
-def order_key(msg: dict[str, Any]) -> tuple[float, float]:
-    """Which of two recall messages is newer: the later click, then the later production."""
-    return float(msg["event_timestamp"]), float(msg["produced_at"])
+def decode_segment(raw: str) -> tuple[str, str | None]:
+    """A raw (percent-encoded) path segment -> (text, None), or ("", why) when it is malformed or not
+    UTF-8. aiohttp keeps undecodable escapes as literal text ("%FF"), which would alias a real id."""
+    if _BAD_PERCENT.search(raw):
+        return "", "malformed percent-encoding in the user id"
+    try:
+        return urllib.parse.unquote_to_bytes(raw).decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return "", f"user id is not valid UTF-8 (byte {exc.start})"
 
 
-def answer(msg: dict[str, Any], now: float | None = None) -> dict[str, Any]:
-    """The HTTP body for one stored recall message."""
+def parse_query(raw: str, allowed: frozenset[str]) -> tuple[dict[str, str], str | None]:
+    """The query string -> ({name: value}, None), or ({}, why): at most MAX_PARAMS, only `allowed`
+    names, each once, UTF-8."""
+    try:
+        pairs = urllib.parse.parse_qsl(
+            raw, keep_blank_values=True, errors="strict", max_num_fields=MAX_PARAMS
+        )
+    except UnicodeDecodeError:
+        return {}, "query string is not valid UTF-8"
+    except ValueError:
+        return {}, f"more than {MAX_PARAMS} query parameters"
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed:
+            names = ", ".join(sorted(allowed)) or "none"
+            return {}, f"unknown query parameter {name[:40]!r} (allowed: {names})"
+        if name in out:
+            return {}, f"query parameter {name!r} given more than once"
+        out[name] = value
+    return out, None
+
+
+def parse_n(value: str | None) -> tuple[int | None, str | None]:
+    """?n= -> (how many candidates, None), (None, None) when absent, or (None, why)."""
+    if value is None:
+        return None, None
+    if not (value.isascii() and value.isdigit() and len(value) <= 6) or not 1 <= int(value) <= MAX_N:
+        return None, f"n must be an integer from 1 to {MAX_N}, got {value[:20]!r}"
+    return int(value), None
+
+
+def order_key(msg: dict[str, Any]) -> tuple[int, float, float]:
+    """Which of two recall messages is newer: the later click by offset (a user's clicks share one
+    partition, and timestamps may arrive out of order), then by timestamp for messages without an offset,
+    then the later production (a re-delivered batch recomputes from the same or a newer window)."""
+    return int(msg.get("click_offset", -1)), float(msg["event_timestamp"]), float(msg["produced_at"])
+
+
+def answer(msg: dict[str, Any], now: float | None = None, n: int | None = None) -> dict[str, Any]:
+    """The HTTP body for one stored recall message (its best `n` candidates; all when None)."""
     now = time.time() if now is None else now
     return {
         "user_id": msg["user_id"],
-        "candidates": msg["candidates"],
+        "candidates": msg["candidates"] if n is None else msg["candidates"][:n],
         "model_version": msg["model_version"],
         "index_version": msg["index_version"],
         "event_id": msg["event_id"],
@@ -187,10 +246,14 @@ def create_app(
 
     @aioweb.middleware
     async def limits(request: aioweb.Request, handler: Any) -> aioweb.StreamResponse:
-        """Bounded URL, bounded concurrency (refuse rather than queue), and JSON for every error."""
+        """Bounded URL, no request body, bounded concurrency (refuse rather than queue), JSON errors."""
         nonlocal in_flight
         if len(request.raw_path) > max_url_bytes:
             return reject(414, f"URL longer than {max_url_bytes} bytes")
+        if request.body_exists and request.match_info.http_exception is None:  # 404 / 405 come first
+            size = request.content_length
+            got = "a chunked body" if size is None else f"{size} bytes"
+            return reject(413, f"this API takes no request body (got {got})")
         if in_flight >= max_in_flight:
             resp = reject(503, "too many concurrent requests")
             resp.headers["Retry-After"] = "1"
@@ -223,7 +286,11 @@ def create_app(
         web_bind=host,
         web_host=host,
         web_port=port,
-        web_application_options={"client_max_size": 1024, "middlewares": [limits]},
+        web_application_options={
+            "client_max_size": 1024,
+            "middlewares": [limits],
+            "handler_args": HANDLER_LIMITS,
+        },
         web_stats_enabled=False,
         web_graph_enabled=False,
         web_router_enabled=False,
@@ -280,7 +347,15 @@ def create_app(
 
     @app.page("/users/{user_id}/candidates")
     async def candidates(web: Any, request: Any, user_id: str) -> Any:
-        why = check_user_id(user_id)
+        parts = request.rel_url.raw_parts  # ('/', 'users', <raw id>, 'candidates')
+        why = None
+        if len(parts) == 4:
+            user_id, why = decode_segment(parts[2])
+        why = why or check_user_id(user_id)
+        if why:
+            return reject(400, why)
+        query, why = parse_query(request.rel_url.raw_query_string, frozenset({"n"}))
+        n, why = (None, why) if why else parse_n(query.get("n"))
         if why:
             return reject(400, why)
         msg = table.get(user_id)
@@ -290,10 +365,13 @@ def create_app(
                 resp.headers["Retry-After"] = "1"
                 return resp
             return reject(404, "unknown user", user_id=user_id)
-        return aioweb.Response(body=orjson.dumps(answer(msg)), content_type="application/json")
+        return aioweb.Response(body=orjson.dumps(answer(msg, n=n)), content_type="application/json")
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
+        _, why = parse_query(request.rel_url.raw_query_string, frozenset())
+        if why:
+            return reject(400, why)
         body = {"status": "ok", "ready": ready(), "users": len(table), **asdict(stats)}
         return aioweb.Response(body=orjson.dumps(body), content_type="application/json")
 

@@ -25,9 +25,11 @@ MIND = [sys.executable, "-m", "mind.cli"]
 T = 1_700_000_000.0
 
 
-def _recall(user: str, event: str, ts: float, produced: float, items: list[str]) -> bytes:
+def _recall(
+    user: str, event: str, ts: float, produced: float, items: list[str], click: tuple[int, int] | None = None
+) -> bytes:
     cands = [(item, 1.0 - r / 10, r % 2) for r, item in enumerate(items)]
-    return dump_recall(user, event, ts, "m-1", "i-1", cands, produced_at=produced, check=True)
+    return dump_recall(user, event, ts, "m-1", "i-1", cands, produced_at=produced, click=click, check=True)
 
 
 def _get(url: str) -> tuple[int, dict[str, Any]]:
@@ -54,6 +56,11 @@ def view(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 )
             )
     msgs.append((b"u0", _recall("u0", "e0-old", T - 5, now + 9, ["old"])))  # late, older click: stale
+    # out-of-order timestamps: the click at the later offset wins although its timestamp is earlier;
+    # a re-sent message of an earlier offset is stale although produced last
+    msgs.append((b"oo", _recall("oo", "oo-10", T + 5, now, ["a"], click=(1, 10))))
+    msgs.append((b"oo", _recall("oo", "oo-11", T + 1, now + 1, ["b"], click=(1, 11))))
+    msgs.append((b"oo", _recall("oo", "oo-9", T + 9, now + 2, ["c"], click=(1, 9))))
     msgs.append((b"u1", b"not json"))  # invalid: skipped, counted
     msgs.append((b"u2", None))  # tombstone: u2 forgotten
     msgs.append((b"u/1", _recall("u/1", "e-slash", T, now, ["s"])))  # legal id with a slash
@@ -114,7 +121,13 @@ def test_latest_list_per_user(view: dict[str, Any]) -> None:
     status, body = _get(f"{view['url']}/users/u%2F1/candidates")
     assert status == 200 and body["user_id"] == "u/1"
     h = view["health"]
-    assert (h["users"], h["stale"], h["invalid"], h["deleted"]) == (20, 1, 1, 1) and h["ready"]
+    assert (h["users"], h["stale"], h["invalid"], h["deleted"]) == (21, 2, 1, 1) and h["ready"]
+
+
+def test_a_later_click_wins_over_a_later_timestamp(view: dict[str, Any]) -> None:
+    status, body = _get(f"{view['url']}/users/oo/candidates")
+    assert status == 200
+    assert (body["event_id"], [c["item_id"] for c in body["candidates"]]) == ("oo-11", ["b"])
 
 
 def test_unknown_and_hostile_ids(view: dict[str, Any]) -> None:
