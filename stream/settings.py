@@ -132,6 +132,21 @@ class Settings(BaseSettings):
         "range", description="Eager; cooperative-sticky never finished a rebalance on Tansu 0.6."
     )
     producer_linger_ms: int = Field(5, ge=0)
+    # Bounds on what a client holds in memory when downstream is slower than the stream: the backlog then
+    # stays in the broker (docs/load.md). librdkafka's own defaults are 65536 KB / 100,000 messages per
+    # partition prefetched by a consumer, and 1 GB / 100,000 messages queued in a producer.
+    consumer_queued_max_kbytes: int = Field(
+        8192, ge=1, description="librdkafka queued.max.messages.kbytes: prefetched messages, all partitions."
+    )
+    consumer_queued_min_messages: int = Field(
+        10_000, ge=1, description="librdkafka queued.min.messages: prefetch target per partition."
+    )
+    producer_queue_max_kbytes: int = Field(
+        65_536, ge=1, description="librdkafka queue.buffering.max.kbytes: a producer's unsent messages."
+    )
+    producer_queue_max_messages: int = Field(
+        100_000, ge=1, description="librdkafka queue.buffering.max.messages (full: produce() waits)."
+    )
 
     # ---- key-value store ------------------------------------------------------------------------------
     redis_url: str | None = Field(None, description="redis://host:port/db; None = embedded Valkey.")
@@ -290,7 +305,15 @@ def kafka_config(
         if value is not None:
             conf[key] = value.get_secret_value() if isinstance(value, SecretStr) else value
     if role == "producer":
-        conf.update({"enable.idempotence": True, "acks": "all", "linger.ms": settings.producer_linger_ms})
+        conf.update(
+            {
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": settings.producer_linger_ms,
+                "queue.buffering.max.kbytes": settings.producer_queue_max_kbytes,
+                "queue.buffering.max.messages": settings.producer_queue_max_messages,
+            }
+        )
     elif role == "consumer":
         conf.update(
             {
@@ -304,6 +327,8 @@ def kafka_config(
                 "max.poll.interval.ms": settings.max_poll_interval_ms,
                 "partition.assignment.strategy": settings.assignment_strategy,
                 "fetch.wait.max.ms": settings.fetch_wait_max_ms,
+                "queued.max.messages.kbytes": settings.consumer_queued_max_kbytes,
+                "queued.min.messages": settings.consumer_queued_min_messages,
             }
         )
     elif role != "admin":
