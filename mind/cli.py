@@ -163,35 +163,53 @@ def train(
     threads: THREADS_ = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train one model on the training users (early-stopped on the validation users) and save it."""
+    """Train one model on the training users (early-stopped on the validation users) and save it.
+
+    Under `torchrun --nproc_per_node=N -m mind.cli train ...` the same flags train data-parallel
+    (DDP, --batch-size per process); rank 0 alone saves and prints (docs/training.md).
+    """
     import numpy as np
     import torch
 
     from mind.experiment import LEARNED
     from mind.model import MIND
     from mind.split import comirec_split
-    from mind.train import TrainConfig, model_config_for, save_checkpoint
+    from mind.train import TrainConfig, distributed, model_config_for, save_checkpoint
     from mind.train import train as fit
 
-    _setup_logging(verbose)
-    if model not in LEARNED:
-        raise typer.BadParameter(f"choose one of {', '.join(LEARNED)}", param_hint="--model")
-    inter = _load(data, fmt, skip_bad)
-    split = comirec_split(inter)
-    cfg = model_config_for(
-        inter, **{**_model_overrides(K, d, p, sigma, iters, max_len, routing_init), **LEARNED[model]}
-    )
-    tcfg = TrainConfig(
-        epochs=epochs, lr=lr, neg=neg, batch_size=batch_size, seed=seed, max_seconds=budget, threads=threads
-    )
-    torch.manual_seed(seed)
-    net = MIND(cfg)
-    res = fit(net, inter, np.asarray(split.train_users), split.valid, tcfg, ckpt=out)
-    save_checkpoint(out, net, inter, tcfg, extra={"epoch": res.best_epoch, "valid": res.best_valid})
-    typer.echo(
-        f"saved {out}  best epoch {res.best_epoch}/{res.epochs_run}  valid recall@50 "
-        f"{res.best_valid.get('recall@50', math.nan):.4f}  {res.samples_per_s:.0f} samples/s"
-    )
+    with distributed() as ddp:
+        _setup_logging(verbose and ddp.main)
+        if model not in LEARNED:
+            raise typer.BadParameter(f"choose one of {', '.join(LEARNED)}", param_hint="--model")
+        inter = _load(data, fmt, skip_bad)
+        split = comirec_split(inter)
+        cfg = model_config_for(
+            inter, **{**_model_overrides(K, d, p, sigma, iters, max_len, routing_init), **LEARNED[model]}
+        )
+        tcfg = TrainConfig(
+            epochs=epochs,
+            lr=lr,
+            neg=neg,
+            batch_size=batch_size,
+            seed=seed,
+            max_seconds=budget,
+            threads=threads,
+        )
+        torch.manual_seed(seed)
+        net = MIND(cfg)
+        res = fit(net, inter, np.asarray(split.train_users), split.valid, tcfg, ckpt=out, dist=ddp)
+        if not ddp.main:
+            return
+        save_checkpoint(out, net, inter, tcfg, extra={"epoch": res.best_epoch, "valid": res.best_valid})
+        typer.echo(
+            f"saved {out}  best epoch {res.best_epoch}/{res.epochs_run}  valid recall@50 "
+            f"{res.best_valid.get('recall@50', math.nan):.4f}  {res.samples_per_s:.0f} samples/s"
+        )
+        if ddp.active:
+            procs = f"{ddp.world} process{'es' if ddp.world > 1 else ''} on {ddp.device.split(':')[0]}"
+            typer.echo(
+                f"ddp: {procs}, {res.steps} steps, parameter checksum per rank: {' '.join(res.replicas)}"
+            )
 
 
 @app.command()
@@ -530,6 +548,72 @@ def index_cmd(
     )
 
 
+@app.command("roll")
+def roll_cmd(
+    checkpoint: CKPT_ = Path("runs/mind.pt"),
+    repo: REPO_ = Path("model_repo"),
+    model_name: Annotated[
+        str | None,
+        typer.Option("--model-name", help="Model name in Triton (default: settings, MIND_TRITON_MODEL)."),
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option("--prefix", help="Index collection prefix (default: MIND_MILVUS_PREFIX).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Settings file (TOML/YAML/JSON/.env); else $MIND_CONFIG.")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Addresses left unset come from the stack running here.")
+    ] = None,
+    drop_grace: Annotated[
+        float, typer.Option(envvar="MIND_DROP_GRACE_S", help="Drop index versions retired longer ago (s).")
+    ] = 600.0,
+    keep: Annotated[int, typer.Option(min=0, help="Retired index versions always kept, for rollback.")] = 1,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Serve a new checkpoint while workers run: export -> index (built) -> Triton load -> flip.
+
+    Exit 0 when the new version serves; 1 when a step failed (the previous version still serves);
+    2 bad input. Order, guard and rollback: docs/rollout.md."""
+    import json
+
+    from stream.cli import _settings
+    from stream.embedded.stack import terminate_as_interrupt
+    from stream.roll import RollError, roll
+
+    _setup_logging(False)
+    if not checkpoint.is_file():
+        _fail(FileNotFoundError(f"checkpoint {checkpoint} does not exist"))
+    settings = _settings(config, run_dir, triton_model=model_name, milvus_prefix=prefix)
+    try:
+        with terminate_as_interrupt():
+            res = roll(
+                settings,
+                checkpoint,
+                repo=repo,
+                progress=progress,
+                echo=lambda line: typer.echo(line, err=True),
+                drop_grace_s=drop_grace,
+                keep=keep,
+            )
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the previous version still serves", err=True)
+        raise typer.Exit(130) from None
+    except RollError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), indent=2))
+    else:
+        steps = ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items() if k != "total")
+        typer.echo(
+            f"{res.model_name}: Triton version {res.old_version or '-'} -> {res.new_version}, index "
+            f"{res.previous_index or '-'} -> {res.index_version} ({res.rows} items) in "
+            f"{res.timings['total']:.1f}s ({steps})"
+        )
+
+
 @bench_app.command("serving")
 def bench_serving(
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("benchmarks/serving.json"),
@@ -608,6 +692,50 @@ def bench_pipeline(
     try:
         with terminate_as_interrupt():
             res = run(out, checkpoint, _load(data, fmt, False) if data else None, sizes, log=typer.echo)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: everything started was stopped", err=True)
+        raise typer.Exit(130) from None
+    except StackError as exc:
+        _fail(exc)
+    typer.echo(table(res))
+    typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
+
+
+@bench_app.command("scale")
+def bench_scale(
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("benchmarks/scale.json"),
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint", "-c", help="Default: runs/beauty/mind.pt, else random-init, Beauty-sized."
+        ),
+    ] = None,
+    workers: Annotated[str, typer.Option(help="Worker process counts.")] = "1,2,3",
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds over the counts (2: 1,2,3 then 3,2,1).")] = 2,
+    partitions: Annotated[int, typer.Option(min=1, help="Partitions of the clicks topic.")] = 6,
+    loads: Annotated[str, typer.Option(help="Offered loads, clicks/s.")] = "250,500,1000",
+    seconds: Annotated[float, typer.Option(min=0.5, help="Seconds per load.")] = 10.0,
+    asap_clicks: Annotated[int, typer.Option(min=0, help="Clicks of the as-fast-as-possible run.")] = 15_000,
+    items: Annotated[int, typer.Option(min=3, help="Catalogue size of the random-init model.")] = 12_103,
+) -> None:
+    """Throughput against worker processes (one group, N partitions) on the embedded stack; order and loss
+    checked."""
+    from mind.bench_scale import ScaleSizes, run, table
+    from stream.embedded.stack import StackError, terminate_as_interrupt
+
+    _setup_logging(False)
+    sizes = ScaleSizes(
+        workers=tuple(int(x) for x in workers.split(",") if x.strip()),
+        rounds=rounds,
+        partitions=partitions,
+        loads=tuple(int(x) for x in loads.split(",") if x.strip()),
+        seconds=seconds,
+        asap_clicks=asap_clicks,
+        n_items=items,
+    )
+    try:
+        with terminate_as_interrupt():
+            res = run(out, checkpoint, sizes, log=typer.echo)
     except KeyboardInterrupt:
         typer.echo("interrupted: everything started was stopped", err=True)
         raise typer.Exit(130) from None

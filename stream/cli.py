@@ -1,4 +1,5 @@
-"""The stream commands of `mind`: up, down, status, publish, view, candidates, worker.
+"""The stream commands of `mind`: up, down, status, publish, view, candidates, worker, topics,
+config-reference.
 
 Every command takes `--config FILE` and reads MIND_* environment variables through stream.settings
 (flags override both). Addresses left unset are taken from the stack running on the run dir (`mind up`),
@@ -443,6 +444,105 @@ def worker_cmd(
         raise _fail(str(exc), 2) from None
 
 
+# ---- topics / config-reference (deployment) -------------------------------------------------------------
+
+
+def topics_cmd(
+    partitions: Annotated[
+        int | None,
+        typer.Option("--partitions", min=1, help="Partitions of clicks and recall (MIND_PARTITIONS)."),
+    ] = None,
+    replication: Annotated[
+        int | None, typer.Option("--replication", min=1, help="Replication factor (MIND_REPLICATION).")
+    ] = None,
+    wait: Annotated[
+        float,
+        typer.Option("--wait", min=0, help="Seconds to keep retrying while the cluster is not ready yet."),
+    ] = 0.0,
+    config: Config = None,
+    run_dir: RunDir = None,
+    bootstrap: Bootstrap = None,
+    as_json: AsJson = False,
+) -> None:
+    """Create the clicks, recall (compacted) and DLQ topics from the settings; print what the broker has.
+
+    Existing topics are never altered; one that differs from the settings (partitions, configs) is
+    printed and exits 1. --wait retries while brokers are still joining (e.g. replication 3 needs three).
+    """
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+    from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+    from stream.settings import kafka_config
+    from stream.topics import ensure_topics, topic_specs
+
+    settings = _settings(
+        config, run_dir, kafka_bootstrap=bootstrap, partitions=partitions, replication=replication
+    )
+    if not settings.kafka_bootstrap:
+        raise _fail("no broker: start one with `mind up`, or pass --bootstrap / MIND_KAFKA_BOOTSTRAP", 3)
+    admin = AdminClient(kafka_config(settings, "admin"))
+
+    def note(rs: Any) -> None:
+        exc = rs.outcome.exception() if rs.outcome else None
+        typer.echo(f"cluster not ready ({str(exc)[:200]}); retrying", err=True)
+
+    try:
+        states = Retrying(
+            retry=retry_if_exception_type(KafkaException),
+            stop=stop_after_delay(wait),
+            wait=wait_exponential(multiplier=0.5, max=5.0),
+            before_sleep=note,
+            reraise=True,
+        )(ensure_topics, admin, settings)
+    except KafkaException as exc:
+        raise _fail(f"could not create the topics on {settings.kafka_bootstrap}: {exc}") from None
+    specs = {s.name: s for s in topic_specs(settings)}
+    rows = [
+        {
+            "topic": name,
+            "created": st.created,
+            "partitions": st.partitions,
+            "replication": specs[name].replication,
+            "config": specs[name].config,
+            "mismatches": st.mismatches,
+        }
+        for name, st in states.items()
+    ]
+    if as_json:
+        _echo_json(rows)
+    else:
+        for r in rows:
+            cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "broker defaults"
+            typer.echo(
+                f"  {r['topic']:<20} {'created' if r['created'] else 'exists':<8} "
+                f"partitions {r['partitions']:<4} replication {r['replication']:<3} {cfg}"
+            )
+            for m in r["mismatches"]:
+                typer.secho(f"    differs from the settings: {m} (not altered)", fg=typer.colors.YELLOW)
+    if any(r["mismatches"] for r in rows):
+        raise typer.Exit(1)
+
+
+def config_reference_cmd(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Default: docs/config.md.")] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Write nothing; exit 1 if the file differs from a fresh one.")
+    ] = False,
+) -> None:
+    """Write docs/config.md: every setting, its flag, environment variable and default, from the code."""
+    from stream import config_reference as ref
+
+    path = out or ref.DEFAULT_OUT
+    if check:
+        drift = ref.check(path)
+        if not drift.ok:
+            raise _fail(f"{path} is out of date: run `mind config-reference --out {path}`")
+        typer.echo(f"{path} is up to date")
+        return
+    typer.echo(f"wrote {ref.write(path)}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the stream commands to the `mind` app."""
     app.command("up")(up)
@@ -452,3 +552,8 @@ def register(app: typer.Typer) -> None:
     app.command("view")(view_cmd)
     app.command("candidates")(candidates_cmd)
     app.command("worker")(worker_cmd)
+    app.command("topics")(topics_cmd)
+    app.command("config-reference")(config_reference_cmd)
+    from stream.chaos import chaos_cmd  # issue 6: fault injection
+
+    app.command("chaos")(chaos_cmd)
