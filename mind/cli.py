@@ -655,15 +655,16 @@ def bench_serving(
     typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
 
 
+BenchCheckpoint = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", "-c", help="Default: runs/beauty/mind.pt, else random-init, Beauty-sized."),
+]
+
+
 @bench_app.command("pipeline")
 def bench_pipeline(
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("benchmarks/pipeline.json"),
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint", "-c", help="Default: runs/beauty/mind.pt, else random-init, Beauty-sized."
-        ),
-    ] = None,
+    checkpoint: BenchCheckpoint = None,
     data: Annotated[
         Path | None,
         typer.Option("--data", help="Users' clicks (the checkpoint's data set); default: Beauty if it fits."),
@@ -704,12 +705,7 @@ def bench_pipeline(
 @bench_app.command("scale")
 def bench_scale(
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("benchmarks/scale.json"),
-    checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            "--checkpoint", "-c", help="Default: runs/beauty/mind.pt, else random-init, Beauty-sized."
-        ),
-    ] = None,
+    checkpoint: BenchCheckpoint = None,
     workers: Annotated[str, typer.Option(help="Worker process counts.")] = "1,2,3",
     rounds: Annotated[int, typer.Option(min=1, help="Rounds over the counts (2: 1,2,3 then 3,2,1).")] = 2,
     partitions: Annotated[int, typer.Option(min=1, help="Partitions of the clicks topic.")] = 6,

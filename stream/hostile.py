@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from stream.schemas import MAX_EVENT_BYTES, Click
+from stream.schemas import MAX_EVENT_BYTES, Click, click_of
 
 Outcome = Literal["dlq", "handled"]
 FIELDS = ("schema", "event_id", "user_id", "item_id", "timestamp", "side_ids", "profile_ids")
@@ -144,17 +144,6 @@ def _boundaries(raw: bytes) -> list[int]:
     return [i for i in range(len(raw)) if raw[i] & 0xC0 != 0x80] + [len(raw)]
 
 
-def _click_of(obj: dict[str, Any]) -> Click:
-    return Click(
-        obj["event_id"],
-        obj["user_id"],
-        obj["item_id"],
-        float(obj["timestamp"]),
-        tuple(obj.get("side_ids", ())),
-        tuple(obj.get("profile_ids", ())),
-    )
-
-
 def _sized(case: HostileCase, max_bytes: int) -> HostileCase:
     """The worker checks the size before anything else: a case over max_event_bytes is `too_large`,
     whatever else it is (only happens with a small max_event_bytes)."""
@@ -172,7 +161,7 @@ def _build(p: _Proto, known: frozenset[str], max_bytes: int) -> HostileCase:
     key = p.key.encode() if isinstance(p.key, str) else p.key
     if p.handled:
         raw = _dumps(p.obj, p.ascii, p.compact)
-        click = _click_of(p.obj)
+        click = click_of(p.obj)
         code = "applied" if click.item_id in known else "oov"
         return HostileCase(p.category, key, raw, "handled", code, click)
     kind = p.transform[0] if p.transform else None
@@ -497,7 +486,7 @@ def _handwritten(
     ) -> None:
         k = obj["user_id"].encode() if key == "user" else key
         value = _dumps(obj) if raw is None else raw
-        click = _click_of(obj)
+        click = click_of(obj)
         code = "applied" if click.item_id in known else "oov"
         out.append(_sized(HostileCase(category, k, value, "handled", code, click, note), max_bytes))
 

@@ -203,7 +203,11 @@ def _parse_object(raw: bytes | bytearray | memoryview | None, name: str, max_byt
 
 def parse_click(raw: bytes | bytearray | memoryview | None, max_bytes: int = MAX_EVENT_BYTES) -> Click:
     """Bytes from `clicks` -> Click, or InvalidEvent. Unknown extra fields are accepted and dropped."""
-    obj = _parse_object(raw, CLICK_V1, max_bytes)
+    return click_of(_parse_object(raw, CLICK_V1, max_bytes))
+
+
+def click_of(obj: dict[str, Any]) -> Click:
+    """A click.v1 object that passed validation -> Click."""
     return Click(
         obj["event_id"],
         obj["user_id"],

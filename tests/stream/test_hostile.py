@@ -14,25 +14,21 @@ from __future__ import annotations
 import http.client
 import random
 import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Producer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from viewkit import running_view
 from workerkit import Reader, Running, committed, make_clicks, metric, publish, setup_topics
 
 from mind.dataset import OOV
-from stream.embedded.kafka import free_port
 from stream.hostile import CATEGORIES, DLQ_CATEGORIES, HostileCase, counts, hostile_corpus
 from stream.schemas import (
     DLQ_ORIGINAL_MAX,
@@ -303,49 +299,20 @@ VIEW_USERS = ["u0", "u1", "%FF", "a b", "\u00e9t\u00e9", "x" * 128]  # "%FF" lit
 @pytest.fixture(scope="module")
 def view(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """`mind view` on a free port over a fresh recall topic holding VIEW_USERS (30 candidates each)."""
-    tag = f"{time.time_ns():x}"[-8:]
-    topic = f"recall-h{tag}"
-    p = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
-    for k, u in enumerate(VIEW_USERS):
-        cands = [(f"i{r}", 1.0 - r / 100, r % 4) for r in range(30)]
-        p.produce(topic, dump_recall(u, f"e{k}", 1.7e9, "m-1", "i-1", cands, check=True), u.encode())
-    assert p.flush(10) == 0
-    port = free_port()
-    env = {
-        "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
-        "MIND_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "MIND_RECALL_TOPIC": topic,
-        "MIND_CLICKS_TOPIC": f"clicks-h{tag}",
-        "MIND_DLQ_TOPIC": f"dlq-h{tag}",
-        "MIND_PARTITIONS": "2",
-        "MIND_RUN_DIR": str(tmp_path_factory.mktemp("hview")),
-    }
-    log = tmp_path_factory.mktemp("hviewlog") / "view.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mind.cli", "view", "--port", str(port), "--app-id", f"hview-{tag}"]
-            + ["--log-level", "warning"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 60
-    health: dict[str, Any] = {}
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            status, health = request(port, get(b"/healthz"))[:2]
-            if health.get("users") == len(VIEW_USERS):
-                break
-        except OSError:
-            pass
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"view not ready ({health}); log:\n{log.read_text()[-3000:]}")
-    yield {"port": port, "proc": proc, "log": log}
-    if proc.poll() is None:
-        proc.terminate()
-        proc.wait(30)
+    tag = f"h{time.time_ns():x}"[-9:]
+    cands = [(f"i{r}", 1.0 - r / 100, r % 4) for r in range(30)]
+    msgs: list[tuple[bytes | None, bytes | None]] = [
+        (u.encode(), dump_recall(u, f"e{k}", 1.7e9, "m-1", "i-1", cands, check=True))
+        for k, u in enumerate(VIEW_USERS)
+    ]
+    with running_view(
+        kafka_bootstrap,
+        msgs,
+        tmp_path_factory.mktemp("hview"),
+        tag,
+        lambda h: h.get("users") == len(VIEW_USERS),
+    ) as v:
+        yield {"port": v.port, "proc": v.proc, "log": v.log}
 
 
 def request(port: int, raw: bytes, timeout: float = 10.0) -> tuple[int, Any, str]:

@@ -10,14 +10,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Producer
+from viewkit import running_view
 
-from stream.embedded.kafka import free_port
 from stream.schemas import dump_recall
 from stream.view import answer, check_user_id
 
@@ -44,7 +42,6 @@ def _get(url: str) -> tuple[int, dict[str, Any]]:
 def view(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Recall messages on a fresh topic, then `mind view` on a free port, waited for until all are in."""
     uid = f"{time.time_ns():x}"[-8:]
-    topic = f"recall-{uid}"
     now = time.time()
     msgs: list[tuple[bytes | None, bytes | None]] = []
     for u in range(20):
@@ -64,49 +61,12 @@ def view(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     msgs.append((b"u1", b"not json"))  # invalid: skipped, counted
     msgs.append((b"u2", None))  # tombstone: u2 forgotten
     msgs.append((b"u/1", _recall("u/1", "e-slash", T, now, ["s"])))  # legal id with a slash
-    p = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
-    for key, value in msgs:
-        p.produce(topic, value, key)
-    assert p.flush(10) == 0
-
-    port = free_port()
-    env = {
-        "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
-        "MIND_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "MIND_RECALL_TOPIC": topic,
-        "MIND_CLICKS_TOPIC": f"clicks-{uid}",
-        "MIND_DLQ_TOPIC": f"dlq-{uid}",
-        "MIND_PARTITIONS": "2",
-        "MIND_RUN_DIR": str(tmp_path_factory.mktemp("view")),
-    }
-    log = tmp_path_factory.mktemp("viewlog") / "view.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*MIND, "view", "--port", str(port), "--app-id", f"view-{uid}", "--log-level", "warning"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    health: dict[str, Any] = {}
     t0 = time.monotonic()
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            health = _get(url + "/healthz")[1]
-            if health["consumed"] >= len(msgs):
-                break
-        except OSError:
-            pass
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"view not ready ({health}); log:\n{log.read_text()[-3000:]}")
-    print(f"\nview answered with all {len(msgs)} messages in {time.monotonic() - t0:.1f}s")
-    yield {"url": url, "proc": proc, "health": health, "env": env, "now": now, "log": log}
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    with running_view(
+        kafka_bootstrap, msgs, tmp_path_factory.mktemp("view"), uid, lambda h: h["consumed"] >= len(msgs)
+    ) as v:
+        print(f"\nview answered with all {len(msgs)} messages in {time.monotonic() - t0:.1f}s")
+        yield {"url": v.url, "proc": v.proc, "health": v.health, "env": v.env, "now": now, "log": v.log}
 
 
 def test_latest_list_per_user(view: dict[str, Any]) -> None:
