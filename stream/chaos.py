@@ -1067,12 +1067,8 @@ class Chaos:
 
     def roll(self) -> None:
         """A model roll (stream/roll.py: export -> index -> Triton load -> flip) while the stream runs."""
-        try:
-            from stream.roll import roll
-        except ImportError as exc:
-            self.extra["roll"] = {"todo": f"stream/roll.py is not available ({exc}); roll not injected"}
-            self.echo("  roll: TODO (stream/roll.py not available)")
-            return
+        from stream.roll import roll
+
         if self.roll_checkpoint is None or self.stack.model_repository is None:
             self.extra["roll"] = {"todo": "no second checkpoint or model repository to roll to"}
             return
@@ -1312,12 +1308,9 @@ class Chaos:
 
 
 def hostile_cases(n: int, seed: int, catalog: Any, users: list[str], settings: Any) -> list[Hostile] | str:
-    """stream.hostile's corpus (its handled clicks join `users`' windows) as Hostile records, or why it
-    cannot be used (a TODO for the report)."""
-    try:
-        from stream.hostile import hostile_corpus
-    except ImportError as exc:
-        return f"stream/hostile.py is not available ({exc}); bad input not injected"
+    """stream.hostile's corpus (its handled clicks join `users`' windows) as Hostile records."""
+    from stream.hostile import hostile_corpus
+
     known = [catalog.raw_item(i) for i in range(2, len(catalog.items))]
     corpus = hostile_corpus(
         n,
@@ -1440,16 +1433,12 @@ def summary_table(d: dict[str, Any]) -> str:
 def _soak(
     settings: Any, checkpoint: Path, plan: Plan, run_dir: Path, echo: Callable[[str], None]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """stream/soak.py's soak and backpressure runs on this stack (their own topics and worker), or
-    placeholders saying what is missing."""
+    """stream/soak.py's soak and backpressure runs on this stack (their own topics and worker)."""
     if plan.soak_s <= 0:
         skipped = {"rss_mb_start": None, "rss_mb_end": None, "skipped": "--soak-s 0"}
         return skipped, {"skipped": "--soak-s 0"}
-    try:
-        from stream.soak import backpressure, soak
-    except ImportError as exc:
-        todo = f"stream/soak.py not available ({exc})"
-        return {"rss_mb_start": None, "rss_mb_end": None, "todo": todo}, {"todo": todo}
+    from stream.soak import backpressure, soak
+
     out: list[dict[str, Any]] = []
     bp = dict(plan.backpressure)
     runs: list[tuple[Callable[..., dict[str, Any]], dict[str, Any]]] = [
