@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -655,6 +656,25 @@ def bench_serving(
     typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
 
 
+def _bench_on_stack(
+    out: Path, run: Callable[[], dict[str, Any]], table: Callable[[dict[str, Any]], str]
+) -> None:
+    """Run a benchmark that starts the embedded stack (Ctrl-C or SIGTERM stop what it started), then print
+    its table and where it wrote."""
+    from stream.embedded.stack import StackError, terminate_as_interrupt
+
+    try:
+        with terminate_as_interrupt():
+            res = run()
+    except KeyboardInterrupt:
+        typer.echo("interrupted: everything started was stopped", err=True)
+        raise typer.Exit(130) from None
+    except StackError as exc:
+        _fail(exc)
+    typer.echo(table(res))
+    typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
+
+
 BenchCheckpoint = Annotated[
     Path | None,
     typer.Option("--checkpoint", "-c", help="Default: runs/beauty/mind.pt, else random-init, Beauty-sized."),
@@ -678,7 +698,6 @@ def bench_pipeline(
 ) -> None:
     """End-to-end latency and throughput on the embedded stack beside the in-process reference."""
     from mind.bench_pipeline import DEFAULT_DATA, PipelineSizes, run, table
-    from stream.embedded.stack import StackError, terminate_as_interrupt
 
     _setup_logging(False)
     if data is None and checkpoint is None and DEFAULT_DATA.exists():
@@ -690,16 +709,11 @@ def bench_pipeline(
         reference_clicks=reference_clicks,
         n_items=items,
     )
-    try:
-        with terminate_as_interrupt():
-            res = run(out, checkpoint, _load(data, fmt, False) if data else None, sizes, log=typer.echo)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: everything started was stopped", err=True)
-        raise typer.Exit(130) from None
-    except StackError as exc:
-        _fail(exc)
-    typer.echo(table(res))
-    typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
+    _bench_on_stack(
+        out,
+        lambda: run(out, checkpoint, _load(data, fmt, False) if data else None, sizes, log=typer.echo),
+        table,
+    )
 
 
 @bench_app.command("scale")
@@ -717,7 +731,6 @@ def bench_scale(
     """Throughput against worker processes (one group, N partitions) on the embedded stack; order and loss
     checked."""
     from mind.bench_scale import ScaleSizes, run, table
-    from stream.embedded.stack import StackError, terminate_as_interrupt
 
     _setup_logging(False)
     sizes = ScaleSizes(
@@ -729,16 +742,7 @@ def bench_scale(
         asap_clicks=asap_clicks,
         n_items=items,
     )
-    try:
-        with terminate_as_interrupt():
-            res = run(out, checkpoint, sizes, log=typer.echo)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: everything started was stopped", err=True)
-        raise typer.Exit(130) from None
-    except StackError as exc:
-        _fail(exc)
-    typer.echo(table(res))
-    typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
+    _bench_on_stack(out, lambda: run(out, checkpoint, sizes, log=typer.echo), table)
 
 
 from stream.cli import register  # noqa: E402
