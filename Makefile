@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned to the CPU build that lies on disk (see DESIGN.md); the project range then admits it.
 	$(BIN)/pip install -q "torch==2.13.0" "numpy<2"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,harness]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +21,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -26,6 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mind.dataset import Interactions, Vocab, pad_windows
+from mind.evaluate import evaluate_ranked, evaluate_ranked_per_user
+from mind.metrics import DEFAULT_NS, METRICS
 from mind.model import MIND, MINDConfig
 from mind.retrieval import exact_topn, merge_interests
 
@@ -236,9 +238,6 @@ def recommend(model: MIND, inter: Interactions, cases: list, n: int) -> np.ndarr
 
 def _validate(model: MIND, inter: Interactions, cases: list, d: Dist) -> dict:
     """Validation metrics; under DDP each rank ranks its share of the users and the means are pooled."""
-    from mind.evaluate import evaluate_ranked, evaluate_ranked_per_user
-    from mind.metrics import DEFAULT_NS, METRICS
-
     if not d.active:
         return evaluate_ranked(recommend(model, inter, cases, 100), cases)
     mine = cases[d.rank :: d.world]

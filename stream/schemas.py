@@ -33,7 +33,6 @@ ERROR_CODES = (
     "not_json",  # UTF-8 but not JSON (or an empty / null message)
     "not_object",  # JSON, but not an object
     "schema",  # object that breaks the schema (missing field, wrong type, bounds)
-    "unknown_item",  # valid, but the item is not in the model's vocabulary (worker policy)
     "bad_timestamp",  # valid, but the timestamp is outside what the worker accepts (worker policy)
     "internal",  # anything else the worker could not handle for this message
 )

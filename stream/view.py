@@ -61,6 +61,7 @@ import orjson
 
 from stream.schemas import InvalidEvent, parse_recall
 from stream.settings import Settings, kafka_config
+from stream.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,6 @@ def recall_partitions(settings: Settings, ensure: bool = True, timeout_s: float 
 
     admin = AdminClient(kafka_config(settings, "admin"))
     if ensure:
-        from stream.topics import ensure_topics
-
         try:
             ensure_topics(admin, settings, timeout_s)
         except KafkaException as exc:  # e.g. no admin rights on a production cluster: use what exists

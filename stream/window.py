@@ -22,16 +22,8 @@ from typing import NamedTuple
 import numpy as np
 
 from mind.dataset import OOV, PAD, Vocab, pad_windows
+from mind.train import load_checkpoint
 from stream.schemas import Click
-
-
-def apply_clicks(window: Sequence[int], items: Iterable[int], max_len: int) -> list[int]:
-    """Append `items` in order and keep the last `max_len` (what the Lua script does in Redis)."""
-    if max_len <= 0:
-        return []
-    out = list(window)
-    out.extend(items)
-    return out[-max_len:]
 
 
 class Indexed(NamedTuple):
@@ -137,7 +129,6 @@ class Catalog:
 
 def load_catalog(path: str | Path) -> Catalog:
     """Read the id tables from a training checkpoint (mind.train.save_checkpoint)."""
-    from mind.train import load_checkpoint  # torch import: only where a checkpoint is read
 
     _, ck = load_checkpoint(Path(path))
     item_side = np.asarray(ck["item_side"], dtype=np.int64)

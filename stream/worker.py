@@ -60,30 +60,6 @@ log = structlog.get_logger("stream.worker")
 _T = TypeVar("_T")
 
 
-def _fault_spec(spec: str | None) -> tuple[str, int, bool] | None:
-    """TEST-ONLY fault hook (stream/chaos.py, issue 6): MIND_FAULT_KILL_AT="<stage>:<n>[:exit]" makes this
-    process SIGKILL itself on entering `<stage>` the n-th time (":exit": on leaving it after it succeeded,
-    e.g. "produce:3:exit" dies between the recall delivery and the commit). Read once at import; unset, a
-    stage pays one `is None` test. Never set it in production."""
-    if not spec:
-        return None
-    stage, n, *rest = spec.split(":")
-    return stage, int(n), rest == ["exit"]
-
-
-_FAULT = _fault_spec(os.environ.get("MIND_FAULT_KILL_AT"))
-_fault_hits = [0]
-
-
-def _fault_point(name: str, exiting: bool) -> None:
-    assert _FAULT is not None
-    stage, n, at_exit = _FAULT
-    if name == stage and exiting == at_exit:
-        _fault_hits[0] += 1
-        if _fault_hits[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 def validate_click(raw: bytes | None, settings: Settings, now: float) -> Click:
     """What the worker accepts: parse_click (schema, size, UTF-8) plus its timestamp policy. Raises
     InvalidEvent, whose code becomes the DLQ record's; pure, so the hostile-input tests need no server."""
@@ -208,13 +184,11 @@ class Worker:
 
     @contextmanager
     def _stage(self, batch: Batch, name: str) -> Iterator[None]:
-        if _FAULT is not None:  # test-only fault hook (see _fault_spec)
-            _fault_point(name, False)
+        """Time one stage of a batch (per-stage latency metric); the seam where the chaos harness's worker
+        injects its faults."""
         t0 = time.perf_counter()
         try:
             yield
-            if _FAULT is not None:
-                _fault_point(name, True)
         finally:
             dt = time.perf_counter() - t0
             batch.timings[name] = batch.timings.get(name, 0.0) + dt
@@ -684,7 +658,12 @@ def _until_ready(what: str, fn: Callable[[], _T], stop: threading.Event) -> _T:
 
 
 def build_worker(
-    settings: Settings, catalog: Catalog, stop: threading.Event, *, drop_seen: bool = True
+    settings: Settings,
+    catalog: Catalog,
+    stop: threading.Event,
+    *,
+    drop_seen: bool = True,
+    worker_type: type[Worker] = Worker,
 ) -> Worker:
     """Connect every adapter (waiting for servers that are still starting) and create the clients."""
     addr = addresses(settings)
@@ -707,7 +686,7 @@ def build_worker(
         log.warning("could not ensure topics", error=str(exc)[:300])
     producer_conf = kafka_config(settings, "producer", bootstrap=addr["kafka"])
     consumer = Consumer(kafka_config(settings, "consumer", bootstrap=addr["kafka"]))
-    return Worker(
+    return worker_type(
         settings,
         catalog,
         state,
@@ -736,6 +715,7 @@ def run_worker(
     *,
     checkpoint: str | os.PathLike[str] | None = None,
     drop_seen: bool | None = None,
+    worker_type: type[Worker] = Worker,
 ) -> None:
     """Run one worker until `stop` is set or SIGTERM/SIGINT arrives (handlers only in the main thread)."""
     configure_logging(settings)
@@ -754,7 +734,7 @@ def run_worker(
             server = health.serve(settings.metrics_host, settings.metrics_port)
         try:
             keep = settings.drop_seen if drop_seen is None else drop_seen
-            worker = build_worker(settings, catalog, stop, drop_seen=keep)
+            worker = build_worker(settings, catalog, stop, drop_seen=keep, worker_type=worker_type)
         except Exception:
             if stop.is_set():  # asked to stop while still waiting for a server
                 log.info("stopped before start")
@@ -769,15 +749,19 @@ def run_worker(
             signal.signal(sig, handler)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def argument_parser(prog: str = "python -m stream.worker") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m stream.worker",
+        prog=prog,
         description="The MIND stream worker: clicks -> windows -> Triton -> Redis -> Milvus -> recall.",
     )
     ap.add_argument("--config", help="settings file (TOML, YAML, JSON or .env); else $MIND_CONFIG")
     ap.add_argument("--checkpoint", help="model checkpoint (else $MIND_CHECKPOINT)")
     ap.add_argument("--keep-seen", action="store_true", help="do not drop the window's items from recall")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run_from_args(args: argparse.Namespace, worker_type: type[Worker] = Worker) -> int:
+    """The process entry point's body: settings and checkpoint from the parsed flags, then run."""
     try:  # configuration mistakes: one clear line, no traceback
         settings = load_settings(args.config)
         checkpoint = resolve_checkpoint(settings, args.checkpoint)
@@ -786,8 +770,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_worker(settings, checkpoint=checkpoint, drop_seen=False if args.keep_seen else None)
+    run_worker(
+        settings,
+        checkpoint=checkpoint,
+        drop_seen=False if args.keep_seen else None,
+        worker_type=worker_type,
+    )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_from_args(argument_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mind.export import export_user_tower
+from mind.model import MIND, MINDConfig
 
 # Shapes of the towers served in tests: L, S, P, K, d and vocabulary sizes.
 L, S, P, K, D = 12, 2, 2, 4, 16
@@ -79,12 +80,8 @@ def export(tower: nn.Module, repo: Path, name: str, model_version: str, **kw: ob
     return export_user_tower(tower, repo, **args)
 
 
-def real_mind() -> nn.Module | None:
-    """The project's MIND with the test shapes, or None while mind.model is missing."""
-    try:
-        from mind.model import MIND, MINDConfig
-    except ImportError:
-        return None
+def real_mind() -> nn.Module:
+    """The project's MIND with the test shapes."""
     torch.manual_seed(0)
     cfg = MINDConfig(
         n_items=N_ITEMS, n_side=N_SIDE, n_profile=N_PROFILE, n_profile_fields=P, d=D, K=K, max_len=L

@@ -2,7 +2,7 @@
 
 Command: `tansu broker --listener-url tcp://H:P --advertised-listener-url tcp://H:P
 --storage-engine memory://tansu/ --cluster-id ID`. Memory storage only: topics, messages and committed
-offsets all vanish when the broker stops (Apache Kafka keeps them on disk; see issue 6).
+offsets all vanish when the broker stops (Apache Kafka keeps them on disk).
 
 Gotchas found by running it (Tansu 0.6.0-510f3e2):
 - When its port is taken it panics in a worker thread and exits with status 0; so the port is checked

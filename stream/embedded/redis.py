@@ -8,7 +8,7 @@ Only the binary is used: the launcher runs it in the foreground itself, like the
 
 The configuration goes to a 0600 file in the run directory, not to the command line, so a password is
 never visible in `ps`. With `persist=True` (default) the data is kept in an append-only file under the run
-directory, so a stopped-and-restarted server comes back with its windows and offsets (issue 6 outages).
+directory, so a stopped-and-restarted server comes back with its windows and offsets (the chaos outages).
 """
 
 from __future__ import annotations

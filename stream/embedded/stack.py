@@ -35,8 +35,13 @@ from typing import IO, Any
 
 import orjson
 
+from stream.embedded.kafka import EmbeddedKafka, find_tansu
+from stream.embedded.milvus import EmbeddedMilvus, find_milvus_lite
 from stream.embedded.process import free_port, port_is_free
-from stream.settings import Settings
+from stream.embedded.redis import EmbeddedRedis, find_redis_server
+from stream.embedded.triton import EmbeddedTriton, check_numpy, find_tritonserver
+from stream.settings import Settings, kafka_config
+from stream.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -377,9 +382,6 @@ class Stack:
 
     def _preflight(self, triton_models: list[str]) -> dict[str, dict[str, int]]:
         """Find every binary and check every fixed port before starting anything (clear, early errors)."""
-        from stream.embedded.kafka import find_tansu
-        from stream.embedded.milvus import find_milvus_lite
-        from stream.embedded.redis import find_redis_server
 
         s = self.settings
         finders: dict[str, Any] = {
@@ -393,8 +395,6 @@ class Stack:
             "milvus": {"grpc": s.embedded_milvus_port},
         }
         if triton_models:
-            from stream.embedded.triton import check_numpy, find_tritonserver
-
             finders["triton"] = lambda: (find_tritonserver(), check_numpy())
             ports["triton"] = {
                 "grpc": s.embedded_triton_grpc_port,
@@ -450,15 +450,11 @@ class Stack:
         log.info("starting %s on %s %s", name, host, ports)
         try:
             if name == "kafka":
-                from stream.embedded.kafka import EmbeddedKafka
-
                 kafka = self.launchers[name] = EmbeddedKafka(self.run_dir, port=ports["kafka"], host=host)
                 address = kafka.start()
                 self._create_topics(address)
                 self.addresses["kafka_bootstrap"] = address
             elif name == "redis":
-                from stream.embedded.redis import EmbeddedRedis
-
                 pw = s.redis_password.get_secret_value() if s.redis_password else None
                 redis = self.launchers[name] = EmbeddedRedis(
                     self.run_dir, port=ports["redis"], host=host, password=pw
@@ -466,14 +462,10 @@ class Stack:
                 address = redis.start()
                 self.addresses["redis_url"] = address
             elif name == "milvus":
-                from stream.embedded.milvus import EmbeddedMilvus
-
                 milvus = self.launchers[name] = EmbeddedMilvus(self.run_dir, port=ports["grpc"], host=host)
                 address = milvus.start()
                 self.addresses["milvus_uri"] = address
             else:
-                from stream.embedded.triton import EmbeddedTriton
-
                 assert self.model_repository is not None
                 triton = self.launchers[name] = EmbeddedTriton(
                     self.model_repository,
@@ -510,9 +502,6 @@ class Stack:
 
     def _create_topics(self, bootstrap: str) -> None:
         from confluent_kafka.admin import AdminClient
-
-        from stream.settings import kafka_config
-        from stream.topics import ensure_topics
 
         admin = AdminClient(kafka_config(self.settings, "admin", bootstrap=bootstrap))
         ensure_topics(admin, self.settings)

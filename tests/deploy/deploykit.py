@@ -12,9 +12,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import typer.main
 import yaml
 from pydantic import SecretStr
 
+from cli.app import app
+from cli.config_reference import known_env_vars
 from stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,9 +154,7 @@ def secret_env_names() -> set[str]:
 @functools.cache
 def known_env_names() -> frozenset[str]:
     """Every MIND_* variable something in the code reads (settings, CLI options, os.environ)."""
-    from stream.config_reference import known_env_vars
-
-    return frozenset(known_env_vars())
+    return frozenset(known_env_vars(typer.main.get_command(app)))
 
 
 def settings_from_env(env: dict[str, Any]) -> Settings:
@@ -169,10 +170,6 @@ def settings_from_env(env: dict[str, Any]) -> Settings:
 @functools.cache
 def mind_commands() -> frozenset[str]:
     """Top-level `mind` commands (typer app)."""
-    import typer.main
-
-    from mind.cli import app
-
     return frozenset(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
 
 

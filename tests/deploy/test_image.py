@@ -45,7 +45,8 @@ def test_sources_the_code_reads_beside_its_packages_are_copied() -> None:
         assert allowed_by_dockerignore(p), f"{p} is excluded from the build context"
     template = mind.export.TEMPLATE.relative_to(ROOT).as_posix()  # model_repo/python_model.py
     schemas = stream.schemas.schema_dir().relative_to(ROOT).as_posix()  # schemas
-    assert {"pyproject.toml", "mind", "stream", "indexer", template, schemas} <= paths
+    assert {"pyproject.toml", "mind", "indexer", "stream", "workflows", "cli", template, schemas} <= paths
+    assert "harness" not in paths  # the image is the runtime
     assert not allowed_by_dockerignore(".venv") and not allowed_by_dockerignore("runs")
     # editable: TEMPLATE and schema_dir() resolve from the package files, which stay in /app
     assert any(line.startswith("pip install -e .") for line in instructions("RUN"))

@@ -10,6 +10,7 @@ import uuid
 
 import numpy as np
 import pytest
+from waiting import until
 
 from indexer.store import IndexUnavailable, InvalidQuery, ItemIndex, normalize_version
 from stream.embedded.milvus import free_port
@@ -116,10 +117,10 @@ def test_flip_under_concurrent_searches_never_mixes_versions(milvus_uri: str, in
     t = threading.Thread(target=search_forever, daemon=True)
     t.start()
     try:
-        for k in (2, 3):
-            time.sleep(0.3)
-            make_version(index, f"v{k}", *vectors(k))  # create, insert, build, flip while searches run
-        time.sleep(0.3)
+        for k in (2, 3, 4):  # each version is searched a few times before the next one flips in
+            until(lambda k=k: seen.get(f"v{k - 1}", 0) >= 3 or errors, what=f"searches of v{k - 1}")
+            if k < 4:
+                make_version(index, f"v{k}", *vectors(k))  # create, insert, build, flip while searches run
     finally:
         stop.set()
         t.join(30)

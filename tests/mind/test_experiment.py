@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from mind.cli import app
+from cli.app import app
 from mind.experiment import run_offline, table
 from mind.synthetic import generate, to_jsonl
 from mind.train import TrainConfig

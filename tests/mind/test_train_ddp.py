@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from mind.cli import app
+from cli.app import app
 from mind.loaders import filter_kcore, load
 from mind.split import comirec_split
 from mind.synthetic import generate, to_jsonl
@@ -34,11 +34,11 @@ def clicks(tmp_path_factory) -> Path:
 
 
 def torchrun(nproc: int, clicks: Path, out: Path) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N -m mind.cli train ...` with the usual flags."""
+    """`torchrun --standalone --nproc_per_node=N -m cli train ...` with the usual flags."""
     env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK"}}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # the CPU path (gloo) even on a GPU box
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "mind.cli", "train", "--data", str(clicks), "--out", str(out), *FLAGS]
+    cmd += ["-m", "cli", "train", "--data", str(clicks), "--out", str(out), *FLAGS]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
 
 

@@ -17,7 +17,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 from typer.testing import CliRunner
 
-from mind.cli import app
+from cli.app import app
 from mind.model import MIND
 from mind.synthetic import generate
 from mind.train import feature_tables, model_config_for, save_checkpoint

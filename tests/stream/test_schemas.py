@@ -34,6 +34,7 @@ from stream.schemas import (
     parse_click,
     parse_dlq,
     parse_recall,
+    schema_dir,
     validate,
 )
 
@@ -338,3 +339,9 @@ def test_generated_json_agrees_with_reference_validator(obj: Any) -> None:
         return
     ok = isinstance(parsed, dict) and reference(load_schema(CLICK_V1)).is_valid(parsed)
     assert (click is not None) == ok, (obj, click)
+
+
+def test_the_worker_emits_every_dlq_code_the_schema_lists_but_the_reserved_one() -> None:
+    enum = set(json.loads((schema_dir() / "dlq.v1.json").read_text())["properties"]["error_code"]["enum"])
+    assert enum - set(ERROR_CODES) == {"unknown_item"}  # reserved in v1, never emitted
+    assert set(ERROR_CODES) <= enum

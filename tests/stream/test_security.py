@@ -1,4 +1,4 @@
-"""Security basics (issue 6), on real servers:
+"""Security basics, on real servers:
 
 - every server the project starts (the embedded stack, Triton, the worker's metrics/health endpoint, the
   candidate view) listens on loopback only by default: no LISTEN socket on 0.0.0.0 / ::;
@@ -36,7 +36,7 @@ from stream.worker import build_worker
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-MIND = [sys.executable, "-m", "mind.cli"]
+MIND = [sys.executable, "-m", "cli"]
 
 
 def listening(pid: int) -> list[tuple[str, int]]:

@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -14,7 +16,6 @@ from redis.retry import Retry
 
 from stream.embedded.redis import free_port
 from stream.state import WindowState
-from stream.window import apply_clicks
 
 TOPIC = "clicks-state"
 
@@ -47,8 +48,7 @@ def test_partial_replay_applies_only_newer_clicks(state: WindowState) -> None:
     state.apply(1, 5, [("u", [0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7])])
     res = state.apply(1, 8, [("u", [3, 4, 5, 6], [5, 6, 7, 8]), ("v", [7, 8], [11, 12])])
     assert res == (5, 3, 3)
-    want = apply_clicks(apply_clicks([], [2, 3, 4, 5, 6, 7], 4), [8], 4)
-    assert state.read_windows([(1, "u"), (1, "v")]) == [want, [11, 12]]
+    assert state.read_windows([(1, "u"), (1, "v")]) == [[5, 6, 7, 8], [11, 12]]  # max_len 4
     assert state.offsets([1]) == {1: 8}
 
 
@@ -92,3 +92,82 @@ def test_connection_errors_are_retried_then_raised() -> None:
     with pytest.raises(redis.ConnectionError):
         s.apply(0, 1, [("u", [1], [2])])
     assert REGISTRY.get_sample_value("mind_worker_retries_total", {"dependency": "redis"}) == before + 2
+
+
+# ---- the window rule, as properties of the real script -------------------------------------------------
+#
+# The rule, stated without the script's mechanics: a user's window is the last max_len items of the
+# user's clicks in offset order, each click counted once, however the clicks were cut into batches and
+# however often a batch was delivered again. The oracle below computes exactly that from the whole history;
+# the script only ever sees batches.
+
+Click3 = tuple[int, str, int]  # (offset, user, item)
+
+
+def oracle(history: list[Click3], max_len: int) -> dict[str, list[int]]:
+    """Each user's last max_len items of the distinct clicks, in offset order."""
+    out: dict[str, list[int]] = {}
+    for _off, user, item in sorted(set(history)):
+        out.setdefault(user, []).append(item)
+    return {u: items[-max_len:] for u, items in out.items()}
+
+
+@st.composite
+def deliveries(draw: st.DrawFn) -> tuple[list[Click3], list[list[Click3]], int]:
+    """A partition's history (offsets 0..n-1, a few users), cut into batches at random points, with some
+    batches delivered again later (a crash before the commit, a rebalance, a zombie's late write)."""
+    n = draw(st.integers(1, 40))
+    users = draw(st.lists(st.sampled_from("abcd"), min_size=n, max_size=n))
+    items = draw(st.lists(st.integers(2, 60), min_size=n, max_size=n))
+    history = [(off, users[off], items[off]) for off in range(n)]
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, n - 1)), max_size=8)) | {0, n})
+    batches = [history[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if a < b]
+    order: list[list[Click3]] = []
+    for k, b in enumerate(batches):
+        order.append(b)
+        if k and draw(st.booleans()):  # re-deliver an earlier stretch, possibly overlapping this batch
+            start = draw(st.integers(0, k))
+            order.append([c for bb in batches[start : k + 1] for c in bb])
+    return history, order, draw(st.integers(1, 12))
+
+
+def _apply(state: WindowState, batch: list[Click3]) -> None:
+    by_user: dict[str, tuple[list[int], list[int]]] = {}
+    for off, user, item in batch:
+        offs, its = by_user.setdefault(user, ([], []))
+        offs.append(off)
+        its.append(item)
+    state.apply(0, max(off for off, _, _ in batch), [(u, o, i) for u, (o, i) in by_user.items()])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(deliveries())
+def test_windows_are_the_last_max_len_distinct_clicks_whatever_the_batching(
+    redis_db: Any, case: tuple[list[Click3], list[list[Click3]], int]
+) -> None:
+    history, order, max_len = case
+    redis_db.flushdb()
+    state = WindowState(redis_db, TOPIC, max_len=max_len)
+    for batch in order:
+        _apply(state, batch)
+    want = oracle(history, max_len)
+    users = sorted(want)
+    assert dict(zip(users, state.read_windows([(0, u) for u in users]), strict=True)) == want
+    assert state.offsets([0]) == {0: len(history) - 1}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(deliveries())
+def test_a_stale_batch_delivered_last_changes_nothing(
+    redis_db: Any, case: tuple[list[Click3], list[list[Click3]], int]
+) -> None:
+    """A zombie's batch, however old, arriving after everything else leaves every window as it was."""
+    history, order, max_len = case
+    redis_db.flushdb()
+    state = WindowState(redis_db, TOPIC, max_len=max_len)
+    for batch in order:
+        _apply(state, batch)
+    users = sorted(oracle(history, max_len))
+    before = state.read_windows([(0, u) for u in users])
+    _apply(state, order[0])
+    assert state.read_windows([(0, u) for u in users]) == before

@@ -10,6 +10,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from towerkit import N_ITEMS, L, ToyTower, export, random_batch, torch_out
 from tritonclient.utils import InferenceServerException
+from waiting import until
 
 from stream.embedded.triton import free_port
 from stream.tower import TowerError, TritonTower
@@ -132,15 +133,13 @@ def test_new_version_loads_while_requests_flow(triton):
     thread = threading.Thread(target=client_loop, daemon=True)
     thread.start()
     control = TritonTower(url, "flip")
-    while len(seen) < 20:
-        time.sleep(0.01)
+    until(lambda: len(seen) >= 20, what=lambda: f"20 answers ({len(seen)} so far; failures {failures[:3]})")
     assert export(v2_tower, triton.repo, "flip", "flip-2") == 2
     t0 = time.monotonic()
     assert control.load() == "2"
     print(f"\nreload to v2 took {time.monotonic() - t0:.2f}s; {len(seen)} requests so far")
     n = len(seen)
-    while len(seen) < n + 20:
-        time.sleep(0.01)
+    until(lambda: len(seen) >= n + 20, what=lambda: f"20 answers after the reload ({len(seen) - n} so far)")
     stop.set()
     thread.join(10)
     assert failures == []

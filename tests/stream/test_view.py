@@ -19,7 +19,7 @@ from viewkit import running_view
 from stream.schemas import dump_recall
 from stream.view import answer, check_user_id
 
-MIND = [sys.executable, "-m", "mind.cli"]
+MIND = [sys.executable, "-m", "cli"]
 T = 1_700_000_000.0
 
 

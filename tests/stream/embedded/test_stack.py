@@ -26,7 +26,7 @@ from stream.embedded.stack import (
 )
 from stream.settings import Settings
 
-MIND = [sys.executable, "-m", "mind.cli"]
+MIND = [sys.executable, "-m", "cli"]
 
 
 def _mind(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,306 @@
+"""The model commands of `mind`: train, evaluate, explain, export (to Triton) and index (into Milvus).
+
+torch is imported inside the commands that need it, so that `mind --help` and the stream commands start
+fast."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.options import (
+    BATCH_,
+    BUDGET_,
+    CKPT_,
+    D_,
+    EPOCHS_,
+    INIT_,
+    ITERS_,
+    K_,
+    LEN_,
+    LR_,
+    MODEL_NAME_,
+    NEG_,
+    P_,
+    REPO_,
+    SEED_,
+    SIGMA_,
+    THREADS_,
+    Data,
+    Fmt,
+    SkipBad,
+    fail,
+    load_data,
+    model_overrides,
+    setup_logging,
+)
+
+commands = typer.Typer()
+
+
+@commands.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint path.")] = Path("runs/mind.pt"),
+    data: Data = None,
+    fmt: Fmt = "auto",
+    skip_bad: SkipBad = False,
+    model: Annotated[str, typer.Option(help="mind | mind_1 | youtube_dnn")] = "mind",
+    K: K_ = None,
+    d: D_ = None,
+    p: P_ = None,
+    sigma: SIGMA_ = None,
+    iters: ITERS_ = None,
+    max_len: LEN_ = None,
+    routing_init: INIT_ = None,
+    neg: NEG_ = 1000,
+    epochs: EPOCHS_ = 30,
+    lr: LR_ = 1e-3,
+    batch_size: BATCH_ = 256,
+    seed: SEED_ = 42,
+    budget: BUDGET_ = 600.0,
+    threads: THREADS_ = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train one model on the training users (early-stopped on the validation users) and save it.
+
+    Under `torchrun --nproc_per_node=N -m cli train ...` the same flags train data-parallel
+    (DDP, --batch-size per process); rank 0 alone saves and prints (docs/training.md).
+    """
+    import numpy as np
+    import torch
+
+    from mind.experiment import LEARNED
+    from mind.model import MIND
+    from mind.split import comirec_split
+    from mind.train import TrainConfig, distributed, model_config_for, save_checkpoint
+    from mind.train import train as fit
+
+    with distributed() as ddp:
+        setup_logging(verbose and ddp.main)
+        if model not in LEARNED:
+            raise typer.BadParameter(f"choose one of {', '.join(LEARNED)}", param_hint="--model")
+        inter = load_data(data, fmt, skip_bad)
+        split = comirec_split(inter)
+        cfg = model_config_for(
+            inter, **{**model_overrides(K, d, p, sigma, iters, max_len, routing_init), **LEARNED[model]}
+        )
+        tcfg = TrainConfig(
+            epochs=epochs,
+            lr=lr,
+            neg=neg,
+            batch_size=batch_size,
+            seed=seed,
+            max_seconds=budget,
+            threads=threads,
+        )
+        torch.manual_seed(seed)
+        net = MIND(cfg)
+        res = fit(net, inter, np.asarray(split.train_users), split.valid, tcfg, ckpt=out, dist=ddp)
+        if not ddp.main:
+            return
+        save_checkpoint(out, net, inter, tcfg, extra={"epoch": res.best_epoch, "valid": res.best_valid})
+        typer.echo(
+            f"saved {out}  best epoch {res.best_epoch}/{res.epochs_run}  valid recall@50 "
+            f"{res.best_valid.get('recall@50', math.nan):.4f}  {res.samples_per_s:.0f} samples/s"
+        )
+        if ddp.active:
+            procs = f"{ddp.world} process{'es' if ddp.world > 1 else ''} on {ddp.device.split(':')[0]}"
+            typer.echo(
+                f"ddp: {procs}, {res.steps} steps, parameter checksum per rank: {' '.join(res.replicas)}"
+            )
+
+
+@commands.command()
+def evaluate(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Report JSON (a PNG is written beside it).")
+    ] = Path("report.json"),
+    data: Data = None,
+    fmt: Fmt = "auto",
+    skip_bad: SkipBad = False,
+    models: Annotated[
+        str, typer.Option(help="Comma-separated models.")
+    ] = "mostpop,itemcf,youtube_dnn,mind_1,mind",
+    K: K_ = None,
+    d: D_ = None,
+    p: P_ = None,
+    sigma: SIGMA_ = None,
+    iters: ITERS_ = None,
+    max_len: LEN_ = None,
+    routing_init: INIT_ = None,
+    neg: NEG_ = 1000,
+    epochs: EPOCHS_ = 30,
+    lr: LR_ = 1e-3,
+    batch_size: BATCH_ = 256,
+    seed: SEED_ = 42,
+    budget: BUDGET_ = 200.0,
+    threads: THREADS_ = 0,
+    checkpoints: Annotated[
+        Path | None, typer.Option(help="Directory to keep each model's checkpoint.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train every model, evaluate on the test users (ComiRec + MIND-paper protocols), write the report."""
+    from mind.experiment import run_offline, table
+    from mind.train import TrainConfig
+
+    setup_logging(verbose)
+    inter = load_data(data, fmt, skip_bad)
+    tcfg = TrainConfig(
+        epochs=epochs, lr=lr, neg=neg, batch_size=batch_size, seed=seed, max_seconds=budget, threads=threads
+    )
+    report = run_offline(
+        inter,
+        out=out,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()),
+        model_overrides=model_overrides(K, d, p, sigma, iters, max_len, routing_init),
+        train_cfg=tcfg,
+        checkpoint_dir=checkpoints,
+    )
+    typer.echo(f"\n{report['dataset']}: {report['users']['test']} test users, ComiRec protocol\n")
+    typer.echo(table(report))
+    typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {report['seconds']:.0f} s")
+
+
+@commands.command()
+def explain(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="Trained model.")] = Path(
+        "runs/mind.pt"
+    ),
+    user: Annotated[str | None, typer.Option(help="Raw user id; default: the longest history.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o")] = Path("coupling.png"),
+    data: Data = None,
+    fmt: Fmt = "auto",
+) -> None:
+    """Draw one user's coupling-coefficient heatmap (behaviours x interests, the paper's Fig. 5)."""
+    from mind.explain import coupling, plot_coupling
+    from mind.train import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    inter = load_data(data, fmt, False)
+    if inter.items.digest() != meta["vocab_hash"]:
+        typer.secho(
+            "error: the data's item vocabulary differs from the checkpoint's; pass the same --data",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
+    if user is None:
+        u = max(range(len(inter.users)), key=lambda i: len(inter.sequences[i]))
+    elif user in inter.users:
+        u = inter.users.index(user)
+    else:
+        typer.secho(f"error: unknown user {user!r}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    hist = inter.sequences[u][-model.cfg.max_len :]
+    (w,) = coupling(model, inter, [hist])
+    labels = [inter.items.raw_of(int(i)) for i in hist]
+    if inter.planted is not None:
+        cats = inter.planted["item_category"]
+        labels = [f"{lab} (c{cats[i]})" for lab, i in zip(labels, hist, strict=True)]
+    plot_coupling(w, out, labels, title=f"user {inter.users[u]}: coupling coefficients")
+    typer.echo(f"wrote {out} ({w.shape[0]} behaviours x {w.shape[1]} interests)")
+
+
+@commands.command("export")
+def export_cmd(
+    checkpoint: CKPT_ = Path("runs/mind.pt"),
+    repo: REPO_ = Path("model_repo"),
+    model_name: MODEL_NAME_ = "mind_user_tower",
+    gpu: Annotated[
+        bool, typer.Option("--gpu", envvar="MIND_GPU", help="KIND_GPU instances instead of KIND_CPU.")
+    ] = False,
+    instances: Annotated[
+        int, typer.Option("--instances", min=1, envvar="MIND_INSTANCES", help="Model instances.")
+    ] = 1,
+    threads: Annotated[
+        int,
+        typer.Option(
+            "--threads", min=0, envvar="MIND_TOWER_THREADS", help="Torch threads per instance (0 = per core)."
+        ),
+    ] = 1,
+) -> None:
+    """Write the checkpoint's user tower as the next numbered Triton version (its model version)."""
+    from mind.export import ExportError
+    from workflows.serving import export_checkpoint
+
+    try:
+        v = export_checkpoint(
+            checkpoint,
+            repo,
+            model_name,
+            instance_kind="KIND_GPU" if gpu else "KIND_CPU",
+            instance_count=instances,
+            torch_threads=threads,
+        )
+    except (ExportError, FileNotFoundError) as exc:
+        raise fail(exc) from None
+    typer.echo(
+        f"exported {checkpoint} as {repo / model_name / str(v)} (model version {v}); "
+        f"load it with TritonTower.load(), then `mind index --checkpoint {checkpoint}`"
+    )
+
+
+@commands.command("index")
+def index_cmd(
+    milvus_uri: Annotated[
+        str, typer.Option("--milvus-uri", envvar="MIND_MILVUS_URI", help="http://host:port or a local .db")
+    ],
+    checkpoint: CKPT_ = Path("runs/mind.pt"),
+    repo: REPO_ = Path("model_repo"),
+    model_name: MODEL_NAME_ = "mind_user_tower",
+    version: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MIND_INDEX_VERSION", help="Exported version to index; default: this checkpoint's newest."
+        ),
+    ] = None,
+    incremental: Annotated[
+        bool,
+        typer.Option(
+            "--incremental", envvar="MIND_INDEX_INCREMENTAL", help="Upsert --items into the active one."
+        ),
+    ] = False,
+    items: Annotated[
+        Path | None,
+        typer.Option("--items", envvar="MIND_INDEX_ITEMS", help="Raw item ids to upsert, one per line."),
+    ] = None,
+    prefix: Annotated[str, typer.Option(envvar="MIND_MILVUS_PREFIX", help="Collection prefix.")] = "items",
+    chunk: Annotated[int, typer.Option(min=1, envvar="MIND_INDEX_CHUNK", help="Rows per chunk.")] = 2048,
+    drop_grace: Annotated[
+        float, typer.Option(envvar="MIND_DROP_GRACE_S", help="Drop versions retired longer ago (s).")
+    ] = 600.0,
+) -> None:
+    """Embed the whole catalogue with the checkpoint's model and index it as its exported version."""
+
+    from indexer.store import IndexUnavailable, InvalidQuery, VersionMismatch
+    from mind.train import load_checkpoint
+    from workflows.serving import ServingError, index_checkpoint, read_item_ids
+
+    if incremental != (items is not None):
+        raise typer.BadParameter("--incremental and --items go together", param_hint="--items")
+    try:
+        changed = read_item_ids(items, load_checkpoint(checkpoint)[1]["item_vocab"]) if items else None
+        stats = index_checkpoint(
+            checkpoint,
+            milvus_uri,
+            version,
+            chunk=chunk,
+            incremental=incremental,
+            changed_ids=changed,
+            drop_grace_s=drop_grace,
+            repo=repo,
+            model_name=model_name,
+            prefix=prefix,
+            token=os.environ.get("MIND_MILVUS_TOKEN"),
+        )
+    except (ServingError, IndexUnavailable, VersionMismatch, InvalidQuery, FileNotFoundError) as exc:
+        raise fail(exc) from None
+    typer.echo(
+        f"{stats.mode} index of {stats.version}: {stats.rows} rows x {stats.dim} in {stats.seconds:.1f}s; "
+        f"active {stats.active} (was {stats.previous}); dropped {stats.dropped or 'none'}"
+    )

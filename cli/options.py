@@ -1,0 +1,184 @@
+"""Options and helpers shared by the `mind` commands: one definition of each flag, so that a flag reads the
+same environment variable and says the same thing in every command that takes it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from pydantic import ValidationError
+
+from mind.dataset import Interactions
+from mind.loaders import DataError, filter_kcore, load
+from mind.synthetic import generate
+from stream.embedded.stack import StackError, resolve, terminate_as_interrupt
+from stream.settings import Settings, load_settings
+
+# ---- data and model ------------------------------------------------------------------------------------
+
+Data = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        envvar="MIND_DATA",
+        help="Data set (file or directory); default: synthetic planted interests.",
+    ),
+]
+Fmt = Annotated[
+    str, typer.Option("--format", envvar="MIND_FORMAT", help="auto|recbole|sequences|pairs|jsonl")
+]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="Skip malformed lines (counted and reported).")]
+K_ = Annotated[int | None, typer.Option("--K", "-k", envvar="MIND_K", help="Maximum interests K.")]
+D_ = Annotated[int | None, typer.Option("--dim", "-d", envvar="MIND_DIM", help="Embedding dimension d.")]
+P_ = Annotated[float | None, typer.Option("--p", envvar="MIND_P", help="Attention power p (inf = hard).")]
+SIGMA_ = Annotated[float | None, typer.Option("--sigma", envvar="MIND_SIGMA", help="Routing-logit init std.")]
+ITERS_ = Annotated[int | None, typer.Option("--iters", envvar="MIND_ITERS", help="Routing iterations r.")]
+LEN_ = Annotated[int | None, typer.Option("--max-len", envvar="MIND_MAX_LEN", help="Behaviour window L.")]
+INIT_ = Annotated[
+    str | None, typer.Option("--routing-init", envvar="MIND_ROUTING_INIT", help="kmeans++ (default) | random")
+]
+NEG_ = Annotated[int, typer.Option("--neg", envvar="MIND_NEG", help="Sampled negatives per batch.")]
+EPOCHS_ = Annotated[int, typer.Option("--epochs", envvar="MIND_EPOCHS", help="Maximum epochs.")]
+LR_ = Annotated[float, typer.Option("--lr", envvar="MIND_LR", help="Adam learning rate.")]
+BATCH_ = Annotated[int, typer.Option("--batch-size", envvar="MIND_BATCH_SIZE")]
+SEED_ = Annotated[int, typer.Option("--seed", envvar="MIND_SEED")]
+BUDGET_ = Annotated[
+    float, typer.Option("--budget", envvar="MIND_BUDGET", help="Seconds of training per model.")
+]
+THREADS_ = Annotated[
+    int, typer.Option("--threads", envvar="MIND_THREADS", help="Torch threads (0 = default).")
+]
+CKPT_ = Annotated[
+    Path, typer.Option("--checkpoint", "-c", envvar="MIND_CHECKPOINT", help="Trained model (mind train).")
+]
+REPO_ = Annotated[Path, typer.Option("--repo", envvar="MIND_MODEL_REPO", help="Triton model repository.")]
+MODEL_NAME_ = Annotated[
+    str, typer.Option("--model-name", envvar="MIND_TRITON_MODEL", help="Model name in the repository.")
+]
+
+# ---- replay pacing -------------------------------------------------------------------------------------
+
+Speed = Annotated[
+    str,
+    typer.Option("--speed", envvar="MIND_REPLAY_SPEED", help="asap, or N = N times the original pacing."),
+]
+Users = Annotated[int | None, typer.Option("--users", min=1, help="Replay only the first N test users.")]
+
+# ---- stream settings -----------------------------------------------------------------------------------
+
+Config = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", help="Settings file (TOML/YAML/JSON/.env); else $MIND_CONFIG.", show_default=False
+    ),
+]
+RunDir = Annotated[
+    Path | None,
+    typer.Option("--run-dir", help="Embedded stack's data and logs (MIND_RUN_DIR; default runs/stack)."),
+]
+Bootstrap = Annotated[
+    str | None, typer.Option("--bootstrap", help="Kafka host:port[,...] (MIND_KAFKA_BOOTSTRAP).")
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+
+
+def fail(message: object, code: int = 2) -> typer.Exit:
+    """Print `error: ...` in red on stderr and return the Exit to raise (`raise fail(...)`)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def setup_logging(verbose: bool = False, level: int | str | None = None) -> None:
+    logging.basicConfig(
+        level=level if level is not None else logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def echo_json(obj: Any) -> None:
+    typer.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+
+
+def load_data(data: Path | None, fmt: str, skip_bad: bool, kcore: bool = True) -> Interactions:
+    """The data set for training/evaluation: a loaded file (5-core filtered) or synthetic data."""
+    if data is None:
+        return generate()
+    try:
+        inter = load(data, fmt=fmt, skip_bad=skip_bad)
+    except (DataError, FileNotFoundError) as e:
+        raise fail(e) from e
+    return filter_kcore(inter) if kcore else inter
+
+
+def model_overrides(
+    K: int | None,
+    d: int | None,
+    p: float | None,
+    sigma: float | None,
+    iters: int | None,
+    max_len: int | None,
+    routing_init: str | None = None,
+) -> dict[str, Any]:
+    """The model flags a user gave (None = not given: the data-driven default stands)."""
+    given = {
+        "K": K,
+        "d": d,
+        "p": p,
+        "sigma": sigma,
+        "iters": iters,
+        "max_len": max_len,
+        "routing_init": routing_init,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def parse_speed(value: str) -> str | float:
+    if value == "asap":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise typer.BadParameter("asap or a number", param_hint="--speed") from None
+
+
+def settings_from(
+    config: Path | None, run_dir: Path | None, use_stack: bool = True, **overrides: Any
+) -> Settings:
+    """Settings from config + env + flags; unset addresses filled from a running stack (use_stack)."""
+    try:
+        settings = load_settings(config, run_dir=run_dir, **overrides)
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        raise fail(f"settings: {exc}", 2) from None
+    return resolve(settings) if use_stack else settings
+
+
+@contextmanager
+def interruptible(what_was_stopped: str = "everything started was stopped") -> Iterator[None]:
+    """Ctrl-C or SIGTERM stop what the command started: exit 130 with a line saying so; a stack that
+    failed to start exits 1 with its reason."""
+    try:
+        with terminate_as_interrupt():
+            yield
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: {what_was_stopped}", err=True)
+        raise typer.Exit(130) from None
+    except StackError as exc:
+        raise fail(exc, 1) from None
+
+
+def run_on_stack(
+    out: Path, run: Callable[[], dict[str, Any]], table: Callable[[dict[str, Any]], str]
+) -> dict[str, Any]:
+    """Run a benchmark that starts the embedded stack, then print its table and where it wrote."""
+    with interruptible():
+        res = run()
+    typer.echo(table(res))
+    typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
+    return res
