@@ -107,33 +107,22 @@ def bench_pipeline(
     checkpoint: BenchCheckpoint = None,
     data: Annotated[
         Path | None,
-        typer.Option("--data", help="Users' clicks (the checkpoint's data set); default: Beauty if it fits."),
+        typer.Option("--data", help="Data set to train the default model on when there is no checkpoint."),
     ] = None,
-    fmt: Fmt = "auto",
     loads: Annotated[str, typer.Option(help="Offered loads, clicks/s.")] = "100,500,2000",
     seconds: Annotated[float, typer.Option(min=0.5, help="Seconds per load.")] = 15.0,
     asap_clicks: Annotated[int, typer.Option(min=0, help="Clicks of the as-fast-as-possible run.")] = 20_000,
-    reference_clicks: Annotated[int, typer.Option(min=1, help="Clicks timed in process.")] = 8192,
+    users: Annotated[int, typer.Option(min=1, help="Distinct users clicking.")] = 2000,
     items: Annotated[int, typer.Option(min=3, help="Catalogue size of the random-init model.")] = 12_103,
 ) -> None:
-    """End-to-end latency and throughput on the embedded stack beside the in-process reference."""
+    """End-to-end latency and throughput, the worker as its own process, beside the in-process reference."""
     with harness_extra():
-        from harness.bench_pipeline import DEFAULT_DATA, PipelineSizes, run, table
+        from harness.bench_pipeline import PipelineSizes, run, table
     setup_logging(False)
-    if data is None and checkpoint is None and DEFAULT_DATA.exists():
-        data = DEFAULT_DATA
     sizes = PipelineSizes(
-        loads=_ints(loads),
-        seconds=seconds,
-        asap_clicks=asap_clicks,
-        reference_clicks=reference_clicks,
-        n_items=items,
+        loads=_ints(loads), seconds=seconds, asap_clicks=asap_clicks, users=users, n_items=items
     )
-    run_on_stack(
-        out,
-        lambda: run(out, checkpoint, load_data(data, fmt, False) if data else None, sizes, log=typer.echo),
-        table,
-    )
+    run_on_stack(out, lambda: run(out, checkpoint, data, sizes, log=typer.echo), table)
 
 
 @bench.command("scale")
@@ -183,8 +172,9 @@ def soak_cmd(
 ) -> None:
     """A worker process at a steady offered load: RSS, lag, errors and latency over time."""
     with harness_extra():
+        from harness.load import on_embedded_stack
         from harness.machine import host
-        from harness.soak import SOAK_SUMMARY, on_embedded_stack, soak, write_result
+        from harness.soak import SOAK_SUMMARY, soak, write_result
     machine = host()
     with interruptible():
         res = on_embedded_stack(
@@ -225,8 +215,9 @@ def backpressure_cmd(
 ) -> None:
     """A worker process while the key-value store is made slow (Valkey CLIENT PAUSE WRITE), then fast."""
     with harness_extra():
+        from harness.load import on_embedded_stack
         from harness.machine import host
-        from harness.soak import backpressure, on_embedded_stack, write_result
+        from harness.soak import backpressure, write_result
     machine = host()
     with interruptible():
         res = on_embedded_stack(

@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import psutil
 
-from harness.bench_pipeline import sustained_cps
 from harness.bench_serving import BEAUTY
+from harness.load import LoadRun, on_embedded_stack, sustained_cps
 from harness.machine import host, loadavg
-from harness.soak import LoadRun, on_embedded_stack
 from mind.experiment import write_json
 from mind.train import load_checkpoint
 from stream.embedded.stack import read_state

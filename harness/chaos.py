@@ -75,6 +75,7 @@ from workflows.roll import roll
 from workflows.serving import export_checkpoint, index_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+EVENT_MEMORY = int(Settings.model_fields["event_id_memory"].default)  # the workers run with the default
 WINDOW_LEN = 512  # > USER_CAP: a window holds a user's whole history, so it is compared click by click
 USER_CAP = 400  # clicks per synthetic user; then the user retires and a new one takes its place
 # (stage, at exit) points of the worker's fault hook; "produce" at exit = delivered, not yet committed
@@ -177,6 +178,8 @@ class Sent:
     offset: int = -1
     failed: bool = False  # the broker refused it: never published
     broker_lost: bool = False  # held by the broker, never applied, gone with its restart
+    event: str = ""  # its event id: a later click with the same id in its partition is skipped
+    duplicate: bool = False  # set by Truth.windows: skipped as a duplicated event
 
 
 class Truth:
@@ -195,12 +198,22 @@ class Truth:
     def delivered(self) -> list[Sent]:
         return [s for s in self.sent if s.partition >= 0 and not s.failed]
 
-    def windows(self) -> dict[tuple[int, str], list[Sent]]:
-        """(partition, user) -> the clicks its window must hold, in log order."""
+    def windows(self, event_memory: int = EVENT_MEMORY) -> dict[tuple[int, str], list[Sent]]:
+        """(partition, user) -> the clicks its window must hold, in log order. The rule, from the outside:
+        a click enters unless its event id is among the last `event_memory` event ids applied in its
+        partition (in this broker epoch: a restarted broker's new log starts the memory afresh)."""
         out: dict[tuple[int, str], list[Sent]] = {}
+        recent: dict[tuple[int, int], deque[str]] = {}
         for s in sorted(self.delivered(), key=lambda s: (s.epoch, s.partition, s.offset)):
-            if s.user is not None and s.item >= 0 and not s.broker_lost:
-                out.setdefault((s.partition, s.user), []).append(s)
+            if s.user is None or s.item < 0 or s.broker_lost:
+                continue
+            if s.event and event_memory:
+                mem = recent.setdefault((s.epoch, s.partition), deque(maxlen=event_memory))
+                if s.event in mem:
+                    s.duplicate = True
+                    continue
+                mem.append(s.event)
+            out.setdefault((s.partition, s.user), []).append(s)
         return out
 
     def ends(self, epoch: int) -> dict[int, int]:
@@ -499,7 +512,7 @@ class Publisher:
         now = time.time()
         eid = f"{self.tag}-{uid}-{pos}"
         value = dump_click(Click(eid, uid, self.raw_of(item), now))
-        sent = self.truth.add(t=now, epoch=self.epoch, user=uid, pos=pos, item=item)
+        sent = self.truth.add(t=now, epoch=self.epoch, user=uid, pos=pos, item=item, event=eid)
         self.by_event[eid] = [sent]  # known before it is sent: the reader may see its recall at once
         self.user_seqs.setdefault(uid, []).append(sent.seq)
         self._produce(uid.encode(), value, sent)
@@ -518,6 +531,7 @@ class Publisher:
             expect=h.expect,
             reason=h.reason,
             chaos=False,
+            event=h.event_id,
         )
         if h.event_id:
             self.by_event.setdefault(h.event_id, []).append(sent)

@@ -73,8 +73,9 @@ CATEGORIES: dict[str, str] = {
     "near_future": "applied: ahead of the clock but within max_future_skew_s",
     "extra_fields": "applied: unknown fields are ignored (forward compatibility), deep or big ones too, "
     "within max_event_bytes; a duplicated JSON key keeps its last value",
-    "duplicate_event_id": "applied at each offset: the worker deduplicates by Kafka offset (exactly once "
-    "per message), not by event_id, so a re-sent click at a new offset counts again",
+    "duplicate_event_id": "applied once: a later message with an event id already applied in its partition "
+    "(within the last event_id_memory clicks) is skipped and counted by mind_worker_duplicate_events_total; "
+    "its user is still refreshed",
     "null_key": "applied: the worker reads user_id from the payload; a null key lands on a random "
     "partition, whose window for that user it joins",
     "mismatched_key": "applied: a key other than the user id (even non-UTF-8) only picks the partition",

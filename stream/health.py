@@ -15,7 +15,10 @@ One stdlib ThreadingHTTPServer on a daemon thread; /metrics is prometheus_client
                 Kafka clients;
     live        as /healthz;
     not paused  `mind_worker_paused` is 0: no dependency is failing right now;
-    not stopping  SIGTERM/stop has not been received.
+    not stopping  SIGTERM/stop has not been received;
+    not stalled  no assigned partition has lag without progress for longer than fetch_stall_s while
+                consumption runs (`mind_worker_partition_stalled_seconds`): the broker stopped serving it
+                (the embedded Tansu does at about 22k record batches in a partition, docs/load.md).
     A replica without partitions (more replicas than partitions) is ready: it is a subscribed member of
     the group, idle by design, and a rolling update must not wait on it. The body lists the partitions
     this process holds and their lag, read from the `mind_worker_consumer_lag` gauge (refreshed every
@@ -112,16 +115,36 @@ class Health:
                     out[f"{sample.labels['topic']}[{sample.labels['partition']}]"] = sample.value
         return dict(sorted(out.items()))
 
+    def _stalled(self) -> dict[str, str]:
+        """ "topic[partition]" -> why, for partitions the broker stopped serving (the stall gauge's children
+        above 0: lag, and no progress for longer than the worker's fetch_stall_s)."""
+        out: dict[str, str] = {}
+        for family in self.registry.collect():
+            if family.name == "mind_worker_partition_stalled_seconds":
+                for sample in family.samples:
+                    if sample.value > 0:
+                        key = f"{sample.labels['topic']}[{sample.labels['partition']}]"
+                        out[key] = (
+                            f"lag but no progress for {sample.value:.0f} s: the broker stopped serving it"
+                        )
+        return dict(sorted(out.items()))
+
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Readiness and its checks (see the module docstring)."""
         live, checks = self.live()
         started = self._started_at is not None
         stopping = checks["phase"] == "stopping"
         paused = self._paused()
+        stalled = self._stalled()
         checks.update(
-            started=started, live=live, paused=paused, stopping=stopping, partitions=self._partitions()
+            started=started,
+            live=live,
+            paused=paused,
+            stopping=stopping,
+            stalled=stalled,
+            partitions=self._partitions(),
         )
-        return started and live and not paused and not stopping, checks
+        return started and live and not paused and not stopping and not stalled, checks
 
 
 HEALTH = Health()

@@ -41,6 +41,10 @@ DUPLICATES = Counter(
     "mind_worker_duplicates_skipped_total",
     "Re-delivered clicks the state's offset check skipped (already in the window)",
 )
+DUPLICATE_EVENTS = Counter(
+    "mind_worker_duplicate_events_total",
+    "Clicks skipped because their event id was applied already (a retried or replayed publish)",
+)
 UNKNOWN_ITEMS = Counter(
     "mind_worker_unknown_items_total", "Clicks whose item is not in the model's vocabulary (kept as OOV)"
 )
@@ -48,5 +52,14 @@ RECALLS = Counter("mind_worker_recalls_total", "Recall messages delivered to the
 BATCHES = Counter("mind_worker_batches_total", "Micro-batches by outcome", ["outcome"])
 COMMIT_FAILURES = Counter(
     "mind_worker_commit_failures_total", "Offset commits the broker refused (e.g. during a rebalance)"
+)
+STALLED = Gauge(
+    "mind_worker_partition_stalled_seconds",
+    "How long a partition with lag has not advanced while consumption runs (0 = moving or caught up); "
+    "non-zero once past fetch_stall_s: the broker stopped serving it (/readyz fails)",
+    ["topic", "partition"],
+)
+STALLS = Counter(
+    "mind_worker_partition_stalls_total", "Times a partition was found stalled: lag, and no progress"
 )
 PAUSED = Gauge("mind_worker_paused", "1 while consumption is paused because a dependency is down")

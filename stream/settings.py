@@ -174,7 +174,19 @@ class Settings(BaseSettings):
         1024, ge=1, description="Micro-batch bound by count (bigger recall batches: 2.1k vs 1.4k clicks/s)."
     )
     batch_timeout_ms: int = Field(
-        20, ge=1, description="Micro-batch bound by time: a batch short of batch_max waits at most this long."
+        100,
+        ge=1,
+        description="Longest the loop waits for a click when none is buffered; a batch never waits to fill.",
+    )
+    fetch_stall_s: float = Field(
+        30.0,
+        gt=0,
+        description="A partition with lag that has not advanced this long while consumption runs is stalled.",
+    )
+    event_id_memory: int = Field(
+        10_000,
+        ge=0,
+        description="Event ids remembered per partition; a click with one of them is skipped (0 = off).",
     )
     recall_n: int = Field(50, ge=1, description="Candidates per recall message.")
     max_event_bytes: int = Field(65536, ge=64, description="Bigger click payloads go to the DLQ (too_large).")

@@ -1,18 +1,31 @@
-"""The worker's state in the key-value store (Redis protocol): windows, processed offsets, interests.
+"""The worker's state in the key-value store (Redis protocol): windows, processed offsets, recent event ids,
+interest vectors.
 
-Key layout (`prefix` defaults to "mind"; `{...}` is a Redis Cluster hash tag, so one partition's keys share
-a slot and one script may touch them all):
+Key layout (`prefix` defaults to "mind"; `{...}` is a Redis Cluster hash tag, so every key of one partition
+shares a slot and one script may touch them all):
 
     mind:{clicks.3}:offset         string  last offset of partition 3 applied to the windows
-    mind:{clicks.3}:win:<user>     list    the user's item indices, oldest first, at most max_len
-    mind:interests:<user>          hash    vec (float32 bytes, [k, d] active interests), k, d,
-                                           model_version, ts (unix seconds of the refresh)
+    mind:{clicks.3}:events         zset    event ids applied recently (score = offset), at most
+                                           `event_memory` per partition: the duplicate-event check
+    mind:{clicks.3}:win:<user>     list    the user's behaviours, oldest first, at most max_len; an entry
+                                           is "item:ts" (item index, click time in unix seconds), or
+                                           "item" as written before times were kept (time unknown = 0)
+    mind:{clicks.3}:int:<user>     hash    vec (float32 bytes, [k, d] active interests), k, d,
+                                           model_version, ts (unix seconds of the refresh), fence (the
+                                           offset of the click that triggered the refresh)
 
 Exactly-once effect: APPLY_LUA appends a partition's clicks of one batch AND stores the partition's new
 offset in one script, which Redis runs atomically. A click is appended only if its offset is greater than
 the stored one, so a re-delivered click (crash before the Kafka commit, a rebalance, a zombie worker) is
-skipped, and a batch that overlaps an applied one applies only its newer clicks. Windows are per
-partition because the windows and the offset that guards them must be written together.
+skipped, and a batch that overlaps an applied one applies only its newer clicks. A click whose event id
+was applied within the last `event_memory` clicks of its partition is skipped too (a producer that retried
+without idempotence, a log replayed twice). The script returns the touched windows, so a batch pays one
+round trip per partition for both the write and the read; calling it again (a retry) applies nothing
+and returns the same windows.
+
+Fencing: INTERESTS_LUA writes a user's interest vectors only if the refresh's click offset is newer than
+the stored fence, atomically, so a worker that stalls past its session (a zombie) and wakes up cannot
+overwrite the fresher vectors of the partition's new owner. Windows are fenced by the partition offset.
 """
 
 from __future__ import annotations
@@ -29,45 +42,73 @@ from stream import metrics
 
 _T = TypeVar("_T")
 
-# KEYS[1] = the partition's offset key, KEYS[1 + i] = window key of user i.
-# ARGV[1] = last offset of the batch in this partition, ARGV[2] = max_len, then per user i:
-# n_i, followed by n_i (offset, item) pairs in offset order.
-# Returns {offset stored before, clicks applied, offset stored after}.
+# KEYS[1] = the partition's offset key, KEYS[2] = its recent event ids, KEYS[2 + i] = window key of user i.
+# ARGV[1] = last offset of the batch in this partition, ARGV[2] = max_len, ARGV[3] = event_memory (0 = no
+# event-id check), then per user i: n_i, followed by n_i (offset, event id, entry) triples in offset order.
+# Returns {offset stored before, clicks applied, duplicate events skipped, offset stored after, window...}:
+# the windows of the users in KEYS order, each a list of entries.
 APPLY_LUA = """
 local stored = tonumber(redis.call('GET', KEYS[1]) or '-1')
 local last = tonumber(ARGV[1])
-if stored >= last then
-  return {stored, 0, stored}
-end
-for i = 2, #KEYS do  -- check every key first: a script's writes are not rolled back on a later error
-  local t = redis.call('TYPE', KEYS[i]).ok
-  if t ~= 'list' and t ~= 'none' then
-    return redis.error_reply('WRONGTYPE window key ' .. KEYS[i] .. ' holds a ' .. t .. '; nothing applied')
-  end
-end
 local max_len = tonumber(ARGV[2])
-local p = 3
-local applied = 0
-for i = 2, #KEYS do
-  local n = tonumber(ARGV[p])
-  p = p + 1
-  local items = {}
-  for j = 1, n do
-    if tonumber(ARGV[p]) > stored then
-      items[#items + 1] = ARGV[p + 1]
+local memory = tonumber(ARGV[3])
+local applied, dupes = 0, 0
+if stored < last then
+  for i = 3, #KEYS do  -- check every key first: a script's writes are not rolled back on a later error
+    local t = redis.call('TYPE', KEYS[i]).ok
+    if t ~= 'list' and t ~= 'none' then
+      return redis.error_reply('WRONGTYPE window key ' .. KEYS[i] .. ' holds a ' .. t .. '; nothing applied')
     end
-    p = p + 2
   end
-  if #items > 0 then
-    for s = 1, #items, 1000 do  -- unpack() has a stack limit: push in chunks
-      redis.call('RPUSH', KEYS[i], unpack(items, s, math.min(s + 999, #items)))
+  local p = 4
+  for i = 3, #KEYS do
+    local n = tonumber(ARGV[p])
+    p = p + 1
+    local entries = {}
+    for j = 1, n do
+      local off, event = tonumber(ARGV[p]), ARGV[p + 1]
+      if off > stored then
+        if memory > 0 and redis.call('ZSCORE', KEYS[2], event) then
+          dupes = dupes + 1
+        else
+          entries[#entries + 1] = ARGV[p + 2]
+          if memory > 0 then redis.call('ZADD', KEYS[2], off, event) end
+        end
+      end
+      p = p + 3
     end
-    redis.call('LTRIM', KEYS[i], -max_len, -1)
-    applied = applied + #items
+    if #entries > 0 then
+      for s = 1, #entries, 1000 do  -- unpack() has a stack limit: push in chunks
+        redis.call('RPUSH', KEYS[i], unpack(entries, s, math.min(s + 999, #entries)))
+      end
+      redis.call('LTRIM', KEYS[i], -max_len, -1)
+      applied = applied + #entries
+    end
+  end
+  if memory > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -memory - 1) end
+  redis.call('SET', KEYS[1], last)
+end
+local out = {stored, applied, dupes, math.max(stored, last)}
+for i = 3, #KEYS do out[#out + 1] = redis.call('LRANGE', KEYS[i], 0, -1) end
+return out
+"""
+
+# KEYS[i] = interests key of user i (one partition: one slot). ARGV[1] = k... per user i, 7 values:
+# fence (click offset), vec bytes, k, d, model_version, ts. Writes a user's hash only if its stored fence
+# is older. Returns the number of users written.
+INTERESTS_LUA = """
+local written = 0
+for i = 1, #KEYS do
+  local a = (i - 1) * 6
+  local fence = tonumber(ARGV[a + 1])
+  local stored = tonumber(redis.call('HGET', KEYS[i], 'fence') or '-1')
+  if fence > stored then
+    redis.call('HSET', KEYS[i], 'fence', ARGV[a + 1], 'vec', ARGV[a + 2], 'k', ARGV[a + 3], 'd', ARGV[a + 4],
+               'model_version', ARGV[a + 5], 'ts', ARGV[a + 6])
+    written = written + 1
   end
 end
-redis.call('SET', KEYS[1], last)
-return {stored, applied, last}
+return written
 """
 
 # Connection-level failures: worth a quick retry here; the worker pauses and retries longer.
@@ -78,6 +119,35 @@ class ApplyResult(NamedTuple):
     stored_before: int  # -1: the partition had no stored offset
     applied: int  # clicks appended
     skipped: int  # clicks at or below the stored offset (re-delivered)
+    duplicates: int  # clicks whose event id was applied already (a duplicated event)
+
+
+class Window(NamedTuple):
+    """One user's behaviours, oldest first: item indices and click times (unix seconds, 0 = unknown)."""
+
+    items: list[int]
+    times: list[int]
+
+
+class UserClicks(NamedTuple):
+    """One user's clicks of a batch in one partition, in offset order."""
+
+    user_id: str
+    offsets: Sequence[int]
+    items: Sequence[int]
+    event_ids: Sequence[str] = ()  # empty: no event-id check for these clicks
+    times: Sequence[int] = ()  # click times, unix seconds; empty: unknown (0)
+
+
+def parse_window(entries: Sequence[bytes | str]) -> Window:
+    """Stored entries -> Window. "item:ts" since times are kept, a bare "item" before (time unknown)."""
+    items, times = [], []
+    for e in entries:
+        text = e.decode() if isinstance(e, bytes) else e
+        item, _, ts = text.partition(":")
+        items.append(int(item))
+        times.append(int(ts) if ts else 0)
+    return Window(items, times)
 
 
 class WindowState:
@@ -90,13 +160,18 @@ class WindowState:
         max_len: int,
         *,
         prefix: str = "mind",
+        event_memory: int = 0,
         attempts: int = 3,
         wait_max_s: float = 1.0,
     ) -> None:
         if max_len < 1:
             raise ValueError("max_len must be >= 1")
+        if event_memory < 0:
+            raise ValueError("event_memory must be >= 0 (0 = no duplicate-event check)")
         self.client, self.topic, self.max_len, self.prefix = client, topic, max_len, prefix
+        self.event_memory = event_memory
         self._apply = client.register_script(APPLY_LUA)  # EVALSHA, loading the script on NOSCRIPT
+        self._interests = client.register_script(INTERESTS_LUA)
         self._retrying = Retrying(
             stop=stop_after_attempt(max(1, attempts)),
             wait=wait_exponential(multiplier=0.05, max=wait_max_s),
@@ -116,38 +191,56 @@ class WindowState:
     def offset_key(self, partition: int) -> str:
         return f"{self.prefix}:{self.slot_tag(partition)}:offset"
 
+    def events_key(self, partition: int) -> str:
+        return f"{self.prefix}:{self.slot_tag(partition)}:events"
+
     def window_key(self, partition: int, user_id: str) -> str:
         return f"{self.prefix}:{self.slot_tag(partition)}:win:{user_id}"
 
-    def interests_key(self, user_id: str) -> str:
-        return f"{self.prefix}:interests:{user_id}"
+    def interests_key(self, partition: int, user_id: str) -> str:
+        return f"{self.prefix}:{self.slot_tag(partition)}:int:{user_id}"
 
     # ---- windows + offsets, atomically -------------------------------------------------------------
 
     def apply(
-        self, partition: int, last_offset: int, users: Sequence[tuple[str, Sequence[int], Sequence[int]]]
-    ) -> ApplyResult:
-        """One script call for one partition's share of a batch.
+        self, partition: int, last_offset: int, users: Sequence[UserClicks | tuple[Any, ...]]
+    ) -> tuple[ApplyResult, list[Window]]:
+        """One script call for one partition's share of a batch; returns what it did and the users' windows
+        after it (in `users` order).
 
-        users: (user_id, offsets, items) per user, offsets ascending. Clicks with offset <= the stored
-        offset are skipped; the stored offset becomes `last_offset` unless it already was >= it.
+        Clicks with offset <= the stored offset are skipped, and so are clicks whose event id is among the
+        partition's last `event_memory` applied ones; the stored offset becomes `last_offset` unless it
+        already was >= it.
         """
-        keys = [self.offset_key(partition)]
-        args: list[Any] = [int(last_offset), self.max_len]
+        keys = [self.offset_key(partition), self.events_key(partition)]
+        args: list[Any] = [int(last_offset), self.max_len, self.event_memory]
         total = 0
-        for user_id, offsets, items in users:
-            if len(offsets) != len(items):
-                raise ValueError("offsets and items must have the same length")
-            keys.append(self.window_key(partition, user_id))
-            args.append(len(items))
-            for off, item in zip(offsets, items, strict=True):
-                args.extend((int(off), int(item)))
-            total += len(items)
-        before, applied, _ = self._call(lambda: self._apply(keys=keys, args=args))
-        return ApplyResult(int(before), int(applied), total - int(applied))
+        for u in users:
+            uc = u if isinstance(u, UserClicks) else UserClicks(*u)
+            n = len(uc.offsets)
+            if (
+                len(uc.items) != n
+                or (uc.event_ids and len(uc.event_ids) != n)
+                or (uc.times and len(uc.times) != n)
+            ):
+                raise ValueError("offsets, items, event ids and times must have the same length")
+            keys.append(self.window_key(partition, uc.user_id))
+            args.append(n)
+            events = uc.event_ids or [f"@{int(o)}" for o in uc.offsets]  # no id: the offset stands for it
+            times = uc.times or [0] * n
+            for off, ev, item, ts in zip(uc.offsets, events, uc.items, times, strict=True):
+                args.extend((int(off), ev, f"{int(item)}:{int(ts)}"))
+            total += n
+        out = self._call(lambda: self._apply(keys=keys, args=args))
+        before, applied, dupes = int(out[0]), int(out[1]), int(out[2])
+        windows = [parse_window(w) for w in out[4:]]
+        return ApplyResult(before, applied, total - applied - dupes, dupes), windows
 
     def read_windows(self, users: Sequence[tuple[int, str]]) -> list[list[int]]:
-        """The windows of (partition, user) pairs, oldest item first (one pipelined round trip)."""
+        """The item indices of (partition, user) windows, oldest first (one pipelined round trip)."""
+        return [w.items for w in self.read_windows_with_times(users)]
+
+    def read_windows_with_times(self, users: Sequence[tuple[int, str]]) -> list[Window]:
         if not users:
             return []
 
@@ -157,7 +250,7 @@ class WindowState:
                 pipe.lrange(self.window_key(partition, user_id), 0, -1)
             return list(pipe.execute())
 
-        return [[int(x) for x in w] for w in self._call(run)]
+        return [parse_window(w) for w in self._call(run)]
 
     def offsets(self, partitions: Sequence[int]) -> dict[int, int]:
         """Stored last-applied offset per partition; -1 where none (read on partition assignment)."""
@@ -174,51 +267,56 @@ class WindowState:
     def reset_offset(self, partition: int, offset: int) -> None:
         """Overwrite a partition's stored offset: an operator's tool for when the log it guarded is gone
         (a broker that lost its data restarts offsets at 0, and clicks at or below the stored offset
-        would be skipped)."""
-        self._call(lambda: self.client.set(self.offset_key(partition), int(offset)))
+        would be skipped). The recent event ids go with it: they belonged to the lost log."""
+
+        def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self.offset_key(partition), int(offset))
+            pipe.delete(self.events_key(partition))
+            pipe.execute()
+
+        self._call(run)
 
     # ---- interest vectors --------------------------------------------------------------------------
 
     def write_interests(
         self,
+        partition: int,
         users: Sequence[str],
+        fences: Sequence[int],
         vectors: np.ndarray,
         active: np.ndarray,
         model_version: str,
         ts: float | None = None,
-    ) -> None:
-        """Store each user's active interest vectors [k, d] (float32 bytes) with the version and time."""
+    ) -> int:
+        """Store each user's active interest vectors [k, d] (float32 bytes) with the version and time, if its
+        fence (the triggering click's offset) is newer than the stored one. One script call for the users
+        of one partition; returns how many were written (the others were older than what is stored)."""
         vec = np.asarray(vectors, dtype=np.float32)
         act = np.asarray(active, dtype=bool)
-        if vec.ndim != 3 or act.shape != vec.shape[:2] or len(users) != vec.shape[0]:
-            raise ValueError(f"need vectors [B,K,d] and active [B,K] for {len(users)} users")
-        now = time.time() if ts is None else float(ts)
+        if (
+            vec.ndim != 3
+            or act.shape != vec.shape[:2]
+            or len(users) != vec.shape[0]
+            or len(fences) != len(users)
+        ):
+            raise ValueError(f"need vectors [B,K,d], active [B,K] and fences for {len(users)} users")
+        if not users:
+            return 0
+        now = repr(time.time() if ts is None else float(ts))
         d = vec.shape[2]
+        keys, args = [], []
+        for u, fence, v, a in zip(users, fences, vec, act, strict=True):
+            rows = np.ascontiguousarray(v[a], dtype="<f4")
+            keys.append(self.interests_key(partition, u))
+            args.extend((int(fence), rows.tobytes(), int(rows.shape[0]), d, model_version, now))
+        return int(self._call(lambda: self._interests(keys=keys, args=args)))
 
-        def run() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            for u, v, a in zip(users, vec, act, strict=True):
-                rows = np.ascontiguousarray(v[a], dtype="<f4")
-                pipe.hset(
-                    self.interests_key(u),
-                    mapping={
-                        "vec": rows.tobytes(),
-                        "k": int(rows.shape[0]),
-                        "d": d,
-                        "model_version": model_version,
-                        "ts": repr(now),
-                    },
-                )
-            pipe.execute()
-
-        if users:
-            self._call(run)
-
-    def read_interests(self, user_id: str) -> tuple[np.ndarray, str, float] | None:
-        """(vectors [k, d], model_version, ts) or None: for the candidate view, tools and tests."""
-        h = self._call(lambda: self.client.hgetall(self.interests_key(user_id)))
+    def read_interests(self, partition: int, user_id: str) -> tuple[np.ndarray, str, float, int] | None:
+        """(vectors [k, d], model_version, ts, fence) or None: for the candidate view, tools and tests."""
+        h = self._call(lambda: self.client.hgetall(self.interests_key(partition, user_id)))
         if not h:
             return None
         k, d = int(h[b"k"]), int(h[b"d"])
         vec = np.frombuffer(h[b"vec"], dtype="<f4").reshape(k, d)
-        return vec, h[b"model_version"].decode(), float(h[b"ts"])
+        return vec, h[b"model_version"].decode(), float(h[b"ts"]), int(h[b"fence"])

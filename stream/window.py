@@ -43,6 +43,8 @@ class UserBatch:
     user_id: str
     offsets: list[int] = field(default_factory=list)
     items: list[int] = field(default_factory=list)
+    event_ids: list[str] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)  # click timestamps, whole unix seconds
     last: Click | None = None  # the triggering event of this user's refresh: the last click in the batch
 
     @property
@@ -55,6 +57,11 @@ class UserBatch:
         if self.last is None:
             raise ValueError(f"user {self.user_id} has no click in this batch")
         return self.last
+
+    @property
+    def fence(self) -> int:
+        """The triggering click's offset: what the user's refreshed state and recall message are fenced by."""
+        return self.offsets[-1]
 
 
 def group_by_user(clicks: Iterable[Indexed]) -> dict[tuple[int, str], UserBatch]:
@@ -72,6 +79,8 @@ def group_by_user(clicks: Iterable[Indexed]) -> dict[tuple[int, str], UserBatch]
             g = groups[key] = UserBatch(c.partition, c.click.user_id)
         g.offsets.append(c.offset)
         g.items.append(c.item)
+        g.event_ids.append(c.click.event_id)
+        g.times.append(int(c.click.timestamp))
         g.last = c.click
     return groups
 

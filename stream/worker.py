@@ -3,21 +3,36 @@ recall topic.
 
 Shaped like Kafka Streams / Quix Streams: a thin confluent-kafka loop drives a small core, and every
 external system sits behind one adapter (stream.state: Redis, stream.tower: Triton, stream.recall: Milvus,
-stream.window: the pure rules). Per micro-batch (bounded by count and time):
+stream.window: the pure rules). A micro-batch is whatever the consumer has buffered when the loop asks
+(at most batch_max): at low load one click, under load the clicks that arrived while the previous batch
+ran. It goes through seven stages in two halves:
 
+  head, on the loop's thread:
   1. parse      validate each message; bad ones go to the DLQ with reason, bytes, partition, offset
-  2. window     one Lua script per partition appends the clicks AND stores the partition's offset
-                (atomic; re-delivered clicks are skipped), then one pipelined read of the windows
-  3. triton     ONE batched tower call for the batch's distinct users
-  4. kv_write   interest vectors + model version + time, pipelined
+  2. window     ONE Lua script call per partition appends the clicks AND stores the partition's offset
+                (atomic; re-delivered clicks and duplicated event ids are skipped) and returns the windows
+  3. triton     ONE batched tower call for the batch's distinct users; the served version is checked
+                against the item index's active version before anything is written
+  tail, on the tail thread, overlapping the next batch's head:
+  4. kv_write   interest vectors + model version, fenced by the triggering click's offset (one script per
+                partition)
   5. recall     ONE batched ANN search for every active interest, merged per user
-  6. produce    one recall message per refreshed user (idempotent producer), flush, check every report
-  7. commit     the consumed offsets (last + 1 per partition), synchronously, only after 6 succeeded
+  6. produce    dead letters, then one recall message per refreshed user (idempotent producer), flush,
+                check every delivery report
+  7. commit     back on the loop's thread: the consumed offsets, synchronously, only after 6 succeeded
 
-A dependency failure in 2-6 pauses the assigned partitions and retries the batch with exponential backoff
+Why the overlap keeps the guarantees (stream/README.md has the long form):
+- per-user order: heads run one at a time in batch order, and so do tails (a tail starts only after the
+  previous one finished), so a user's windows, interests and recall messages follow its clicks' order;
+- exactly-once effect on the windows: only the window stage writes them, in batch order, through the
+  offset-guarded script; everything after it is idempotent;
+- commits in order: batch n is committed by the loop once its tail succeeded, before batch n+1's tail
+  starts; a rebalance waits for the tail in flight and commits it before the partitions go.
+
+A dependency failure pauses the assigned partitions and retries the failed half with exponential backoff
 (tenacity) while polling, so the group membership stays alive; nothing is committed until it succeeds.
 A rebalance during the retries abandons the batch uncommitted: the next owner re-reads it, and the
-state's offset check makes re-processing safe. See stream/README.md for the exactly-once argument.
+state's offset check makes re-processing safe.
 """
 
 from __future__ import annotations
@@ -29,29 +44,39 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 import orjson
 import redis
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 from pymilvus.exceptions import MilvusException
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from tenacity import RetryCallState, Retrying, retry_if_exception, retry_if_exception_type, wait_exponential
 
-from indexer.store import IndexUnavailable, InvalidQuery, ItemIndex, VersionMismatch
+from indexer.store import MAX_TOPK, IndexUnavailable, InvalidQuery, ItemIndex, VersionMismatch
 from mind.dataset import OOV
 from stream import health, metrics
 from stream.recall import Recaller
 from stream.schemas import Click, InvalidEvent, dlq_record_for, dump_recall, parse_click
 from stream.settings import Settings, kafka_config, load_settings, redis_client
-from stream.state import WindowState
+from stream.state import UserClicks, Window, WindowState
 from stream.topics import ensure_topics
 from stream.tower import TowerError, TritonTower
 from stream.window import Catalog, Indexed, UserBatch, group_by_user, load_catalog
@@ -62,17 +87,27 @@ _T = TypeVar("_T")
 
 def validate_click(raw: bytes | None, settings: Settings, now: float) -> Click:
     """What the worker accepts: parse_click (schema, size, UTF-8) plus its timestamp policy. Raises
-    InvalidEvent, whose code becomes the DLQ record's; pure, so the hostile-input tests need no server."""
+    InvalidEvent, whose code becomes the DLQ record's; pure, so the hostile-input tests need no server.
+
+    `now` is the message's own broker timestamp (fixed when it was produced), not the worker's clock, so
+    reading the same message again always gives the same outcome."""
     click = parse_click(raw, settings.max_event_bytes)
     skew = settings.max_future_skew_s
     if click.timestamp > now + skew:
         raise InvalidEvent(
             "bad_timestamp",
-            f"timestamp {click.timestamp} is {click.timestamp - now:.0f} s in the future "
-            f"(at most {skew:g} s accepted)",
+            f"timestamp {click.timestamp} is {click.timestamp - now:.0f} s ahead of the message's broker "
+            f"timestamp (at most {skew:g} s accepted)",
             "timestamp",
         )
     return click
+
+
+def message_time(msg: Message) -> float:
+    """The message's broker timestamp in unix seconds (CreateTime or LogAppendTime, set at produce time).
+    Every Kafka message since 0.10 has one; the wall clock stands in only if a broker sends none."""
+    kind, ms = msg.timestamp()
+    return ms / 1000.0 if kind != TIMESTAMP_NOT_AVAILABLE and ms >= 0 else time.time()
 
 
 class DependencyError(RuntimeError):
@@ -85,6 +120,10 @@ class DependencyError(RuntimeError):
 
 class VocabMismatch(RuntimeError):
     """The served tower was exported from another vocabulary than the worker's checkpoint."""
+
+
+class TowerMismatch(ValueError):
+    """A setting of the worker does not fit the served tower; the message says what to change."""
 
 
 def classify(exc: BaseException) -> str | None:
@@ -106,7 +145,7 @@ def classify(exc: BaseException) -> str | None:
 
 @dataclass
 class Batch:
-    """One micro-batch after parsing: what to apply, refresh, dead-letter and finally commit."""
+    """One micro-batch: what to apply, refresh, dead-letter and finally commit, and what each stage made."""
 
     size: int
     commit: dict[tuple[str, int], int]  # next offset to commit per (topic, partition)
@@ -115,10 +154,21 @@ class Batch:
     clicks: list[Indexed]
     groups: dict[tuple[int, str], UserBatch]
     dlq: list[list[Any]]  # [key, record, delivered] per dead letter
-    applied_partitions: set[int] = field(default_factory=set)  # Lua already ran (a retry skips it)
+    generation: int = 0  # the worker's revocation count when the batch started
+    applied_partitions: set[int] = field(default_factory=set)  # window script already applied them
     applied: int = 0
-    skipped: int = 0
+    skipped: int = 0  # re-delivered clicks (offset at or below the stored one)
+    duplicates: int = 0  # clicks whose event id was applied already
+    windows: list[Window] = field(default_factory=list)  # per group, after the window stage
+    interests: np.ndarray | None = None  # [B,K,d] after the triton stage
+    active: np.ndarray | None = None  # [B,K]
+    model_version: str = ""
+    recalls: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def group_list(self) -> list[UserBatch]:
+        return list(self.groups.values())
 
 
 class _Deliveries:
@@ -137,7 +187,8 @@ class _Deliveries:
 
 class Worker:
     """The core loop. `process_batch` is one batch without retries or commit (tests drive it);
-    `run` is the consumer-group loop with pause/retry, commits, lag and graceful shutdown."""
+    `run` is the consumer-group loop with the overlapped tail, pause/retry, commits, lag and graceful
+    shutdown."""
 
     def __init__(
         self,
@@ -160,23 +211,20 @@ class Worker:
         self.drop_seen, self.retry_max_s = drop_seen, retry_max_s
         self.flush_timeout_s, self.lag_interval_s = flush_timeout_s, lag_interval_s
         self.producer_factory = producer_factory
-        dims = {t["name"]: [int(x) for x in t["dims"]] for t in tower.config()["input"]}
-        self.max_len = dims["ITEM_IDS"][0]
-        s, p = dims["SIDE_IDS"][1], dims["PROFILE_IDS"][0]
-        if catalog.item_side.shape[1] != s or catalog.n_profile_fields != p:
-            raise ValueError(
-                f"checkpoint tables (S={catalog.item_side.shape[1]}, P={catalog.n_profile_fields}) do not "
-                f"fit the served tower (S={s}, P={p}): the worker's checkpoint is not the exported model's"
-            )
+        self.max_len = check_tower_fit(settings, catalog, tower)
         self._checked_versions: dict[str, str] = {}  # served Triton version -> model_version
         self._stop = threading.Event()
         self._revocations = 0  # bumped by every revocation; a batch compares it with its start value
         self._assignments = 0  # bumped by every assignment (empty ones too): a round ended
-        self._batch_gen = 0
         self._paused = False
         self._paused_tps: list[TopicPartition] = []
         self._stray: list[Message] = []
         self._lag_at = 0.0
+        self._progress: dict[tuple[str, int], tuple[int, float]] = {}  # (position, since) per partition
+        self._stalled: set[tuple[str, int]] = set()
+        self._tails = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-tail")
+        self._tail: tuple[Batch, Future[None]] | None = None  # the batch whose tail runs now
+        self._in_callback = False
         self.last_batch: Batch | None = None
         self.owned: frozenset[int] = frozenset()  # partitions held now; empty between revoke and assign
 
@@ -194,21 +242,17 @@ class Worker:
             batch.timings[name] = batch.timings.get(name, 0.0) + dt
             metrics.STAGE_LATENCY.labels(name).observe(dt)
 
-    def _validate(self, msg: Message, now: float) -> Click:
-        return validate_click(msg.value(), self.settings, now)
-
     def prepare(self, messages: Sequence[Message]) -> Batch:
         """Parse and validate; dead letters are kept to be produced with the batch's output."""
-        batch = Batch(len(messages), {}, {}, {}, [], {}, [])
+        batch = Batch(len(messages), {}, {}, {}, [], {}, [], generation=self._revocations)
         with self._stage(batch, "parse"):
-            now = time.time()
             for m in messages:
                 tp, off = (m.topic(), m.partition()), m.offset()
                 batch.commit[tp] = max(batch.commit.get(tp, 0), off + 1)
                 batch.first[tp] = min(batch.first.get(tp, off), off)
                 batch.last[tp[1]] = max(batch.last.get(tp[1], -1), off)
                 try:
-                    click = self._validate(m, now)
+                    click = validate_click(m.value(), self.settings, message_time(m))
                 except Exception as exc:  # InvalidEvent, or anything hostile input provokes: never stop
                     batch.dlq.append([m.key(), dlq_record_for(m, exc), False])
                     code = exc.code if isinstance(exc, InvalidEvent) else "internal"
@@ -248,66 +292,113 @@ class Worker:
                     raise DependencyError("kafka", "producer queue stayed full") from None
                 self.producer.poll(0.05)
 
-    def refresh(self, batch: Batch) -> None:
-        """Steps 2-6 for one batch. Idempotent, so the loop may call it again after a failure."""
+    @staticmethod
+    def _blamed(fn: Callable[[Batch], None], batch: Batch) -> None:
+        """Run one half of a batch; an exception a dependency caused becomes a DependencyError."""
         try:
-            self._refresh(batch)
+            fn(batch)
         except Exception as exc:
             dep = classify(exc)
             if dep is None:
                 raise
             raise DependencyError(dep, exc) from exc
 
-    def _refresh(self, batch: Batch) -> None:
-        s = self.settings
-        reports = _Deliveries()
-        for letter in batch.dlq:
-            if not letter[2]:
+    def head(self, batch: Batch) -> None:
+        """Window and Triton stages. Idempotent: a retry applies nothing twice and recomputes the rest."""
+        self._blamed(self._head, batch)
 
-                def mark(err: KafkaError | None, msg: Message, letter: list[Any] = letter) -> None:
-                    letter[2] = err is None
-                    reports(err, msg)
+    def tail(self, batch: Batch) -> None:
+        """kv_write, recall and produce. Idempotent: fenced writes, recall messages may repeat."""
+        self._blamed(self._tail_stages, batch)
 
-                self._produce(s.dlq_topic, letter[0], letter[1], mark)
-        groups = list(batch.groups.values())
-        values: list[bytes] = []
-        if groups:
-            with self._stage(batch, "window"):
-                by_part: dict[int, list[tuple[str, list[int], list[int]]]] = {}
-                for g in groups:
-                    by_part.setdefault(g.partition, []).append((g.user_id, g.offsets, g.items))
-                for part, users in by_part.items():
-                    if part in batch.applied_partitions:
-                        continue
-                    res = self.state.apply(part, batch.last[part], users)
+    def refresh(self, batch: Batch) -> None:
+        """Head then tail, on this thread (tests and tools; the loop overlaps them across batches)."""
+        self.head(batch)
+        self.tail(batch)
+
+    def _head(self, batch: Batch) -> None:
+        groups = batch.group_list
+        if not groups:
+            return
+        with self._stage(batch, "window"):
+            by_part: dict[int, list[int]] = {}
+            for k, g in enumerate(groups):
+                by_part.setdefault(g.partition, []).append(k)
+            windows: list[Window | None] = [None] * len(groups)
+            for part, ks in by_part.items():
+                users = [
+                    UserClicks(
+                        groups[k].user_id,
+                        groups[k].offsets,
+                        groups[k].items,
+                        groups[k].event_ids,
+                        groups[k].times,
+                    )
+                    for k in ks
+                ]
+                res, wins = self.state.apply(part, batch.last[part], users)
+                if part not in batch.applied_partitions:  # a retry's second call applies nothing
                     batch.applied_partitions.add(part)
                     batch.applied += res.applied
-                windows = self.state.read_windows([(g.partition, g.user_id) for g in groups])
-            with self._stage(batch, "triton"):
-                profiles = [self.catalog.profile_row(g.user_id, g.trigger.profile_ids) for g in groups]
-                items, side, prof = self.catalog.tower_inputs(windows, profiles, self.max_len)
-                interests, active, served = self.tower.infer(items, side, prof)
-                model_version = self._model_version(served)
+                    batch.duplicates += res.duplicates
+                for k, w in zip(ks, wins, strict=True):
+                    windows[k] = w
+            batch.windows = [w for w in windows if w is not None]
+        with self._stage(batch, "triton"):
+            profiles = [self.catalog.profile_row(g.user_id, g.trigger.profile_ids) for g in groups]
+            items, side, prof = self.catalog.tower_inputs(
+                [w.items for w in batch.windows], profiles, self.max_len
+            )
+            batch.interests, batch.active, served = self.tower.infer(items, side, prof)
+            batch.model_version = self._model_version(served)
+            # before any interest vector is written: tower and index must serve the same model version
+            self.recaller.check_version(batch.model_version)
+
+    def _tail_stages(self, batch: Batch) -> None:
+        s = self.settings
+        reports = _Deliveries()
+        groups = batch.group_list
+        values: list[bytes] = []
+        if groups:
+            assert batch.interests is not None and batch.active is not None
             with self._stage(batch, "kv_write"):
-                self.state.write_interests([g.user_id for g in groups], interests, active, model_version)
+                by_part: dict[int, list[int]] = {}
+                for k, g in enumerate(groups):
+                    by_part.setdefault(g.partition, []).append(k)
+                for part, ks in by_part.items():
+                    self.state.write_interests(
+                        part,
+                        [groups[k].user_id for k in ks],
+                        [groups[k].fence for k in ks],
+                        batch.interests[ks],
+                        batch.active[ks],
+                        batch.model_version,
+                    )
             with self._stage(batch, "recall"):
-                res = self.recaller.recall(
-                    interests, active, model_version, seen=windows if self.drop_seen else None
-                )
+                seen = [w.items for w in batch.windows] if self.drop_seen else None
+                res = self.recaller.recall(batch.interests, batch.active, batch.model_version, seen=seen)
                 raw = self.catalog.raw_item
                 values = [
                     dump_recall(
                         g.user_id,
                         g.trigger.event_id,
                         g.trigger.timestamp,
-                        model_version,
+                        batch.model_version,
                         res.version,
                         [(raw(i), sc, k) for i, sc, k in cands],
-                        click=(g.partition, g.offsets[-1]),
+                        click=(g.partition, g.fence),
                     )
                     for g, cands in zip(groups, res.as_lists(), strict=True)
                 ]
         with self._stage(batch, "produce"):
+            for letter in batch.dlq:
+                if not letter[2]:
+
+                    def mark(err: KafkaError | None, msg: Message, letter: list[Any] = letter) -> None:
+                        letter[2] = err is None
+                        reports(err, msg)
+
+                    self._produce(s.dlq_topic, letter[0], letter[1], mark)
             for g, value in zip(groups, values, strict=True):
                 self._produce(s.recall_topic, g.user_id.encode(), value, reports)
             left = self.producer.flush(self.flush_timeout_s)
@@ -325,10 +416,12 @@ class Worker:
         now = time.time()
         for c in batch.clicks:
             metrics.E2E_LATENCY.observe(max(0.0, now - c.click.timestamp))
-        batch.skipped = len(batch.clicks) - batch.applied
+        batch.recalls = len(values)
+        batch.skipped = len(batch.clicks) - batch.applied - batch.duplicates
         metrics.CLICKS.inc(len(batch.clicks))
         metrics.APPLIED.inc(batch.applied)
         metrics.DUPLICATES.inc(batch.skipped)
+        metrics.DUPLICATE_EVENTS.inc(batch.duplicates)
         metrics.RECALLS.inc(len(values))
         metrics.BATCH_SIZE.observe(batch.size)
         metrics.BATCH_USERS.observe(len(groups))
@@ -366,10 +459,9 @@ class Worker:
             log.warning("commit refused", partitions=[(tp.partition, str(tp.error)) for tp in failed])
         return not failed
 
-    @property
-    def _revoked(self) -> bool:
-        """True when a rebalance took partitions away since the current batch started."""
-        return self._revocations != self._batch_gen
+    def _revoked(self, batch: Batch) -> bool:
+        """True when a rebalance took partitions away since the batch started."""
+        return self._revocations != batch.generation
 
     def _pause(self) -> None:
         if not self._paused and self.consumer is not None:
@@ -390,11 +482,11 @@ class Worker:
             metrics.PAUSED.set(0)
             log.info("consumption resumed")
 
-    def _sleep_polling(self, seconds: float) -> None:
+    def _sleep_polling(self, batch: Batch, seconds: float) -> None:
         """tenacity's sleep: wait with the partitions paused, polling so rebalances are served."""
         self._pause()
         end = time.monotonic() + seconds
-        while not (self._revoked or self._stop.is_set()):
+        while not (self._revoked(batch) or self._stop.is_set()):
             health.beat()  # alive while a dependency is down; /readyz reports the pause
             left = end - time.monotonic()
             if left <= 0:
@@ -417,28 +509,59 @@ class Worker:
             error=str(exc)[:500],
         )
 
-    def _handle(self, messages: Sequence[Message]) -> None:
-        batch = self.prepare(messages)
-        self._batch_gen = self._revocations
+    def _retry(self, half: Callable[[Batch], None], batch: Batch, failure: DependencyError) -> bool:
+        """Retry one half of a batch that failed with `failure` until it succeeds (True), or the
+        partitions are revoked or the worker stops (False: the batch is abandoned uncommitted). The first
+        retry is immediate; the next ones back off exponentially, polling with the partitions paused."""
+        metrics.RETRIES.labels(failure.dependency).inc()
+        fn = log.error if failure.dependency == "version" else log.warning  # mixed versions: loud
+        fn("dependency failed; retrying the batch", dependency=failure.dependency, error=str(failure)[:500])
         retrying = Retrying(
             retry=retry_if_exception_type(DependencyError),
             wait=wait_exponential(multiplier=0.1, min=0.1, max=self.retry_max_s),
-            stop=lambda _rs: self._revoked or self._stop.is_set(),
-            sleep=self._sleep_polling,
+            stop=lambda _rs: self._revoked(batch) or self._stop.is_set(),
+            sleep=lambda seconds: self._sleep_polling(batch, seconds),
             before_sleep=self._before_retry,
             reraise=True,
         )
         try:
-            retrying(self.refresh, batch)
+            if self._revoked(batch) or self._stop.is_set():
+                raise failure
+            retrying(half, batch)
         except DependencyError as exc:
             metrics.BATCHES.labels("abandoned").inc()
-            why = "partitions revoked" if self._revoked else "shutting down"
+            why = "partitions revoked" if self._revoked(batch) else "shutting down"
             log.warning("batch abandoned uncommitted", reason=why, size=batch.size, error=str(exc)[:300])
             self._rewind(batch)
-            return
+            return False
         finally:
             self._resume()
-        if self._revoked:  # the rebalance came after success: the new owner re-reads; skip the commit
+        return True
+
+    def _finish_tail(self, block: bool = True) -> None:
+        """Collect the tail in flight: commit its batch when it succeeded, retry it (on the loop's thread)
+        when a dependency failed. `block=False` only collects a tail that is already done. Inside a
+        rebalance callback a failed tail is abandoned, not retried: its partitions are going away."""
+        if self._tail is None:
+            return
+        batch, fut = self._tail
+        if not block and not fut.done():
+            return
+        self._tail = None
+        try:
+            fut.result()
+        except DependencyError as exc:
+            if self._in_callback:
+                metrics.BATCHES.labels("abandoned").inc()
+                log.warning("batch abandoned uncommitted", reason="partitions revoked", error=str(exc)[:300])
+                return
+            if not self._retry(self.tail, batch, exc):
+                return
+        self._done(batch)
+
+    def _done(self, batch: Batch) -> None:
+        """A batch whose tail succeeded: commit it, unless a rebalance came since it started."""
+        if self._revoked(batch):  # the new owner re-reads it; the offset check makes that safe
             metrics.BATCHES.labels("uncommitted").inc()
             return
         self.commit(batch.commit, batch)
@@ -450,9 +573,27 @@ class Worker:
             users=len(batch.groups),
             applied=batch.applied,
             skipped=batch.skipped,
+            duplicates=batch.duplicates,
             dlq=len(batch.dlq),
             ms={k: round(v * 1000, 2) for k, v in batch.timings.items()},
         )
+
+    def _handle(self, messages: Sequence[Message]) -> None:
+        """One batch through the loop: head here (overlapping the previous batch's tail), then its tail
+        handed to the tail thread once the previous one is committed."""
+        batch = self.prepare(messages)
+        try:
+            self.head(batch)
+        except DependencyError as exc:
+            self._finish_tail()  # the batch before this one first: commits stay in order
+            if not self._retry(self.head, batch, exc):
+                return
+        self._finish_tail()
+        if self._revoked(batch):  # a rebalance while the previous tail was retried: the new owner has it
+            metrics.BATCHES.labels("abandoned").inc()
+            self._rewind(batch)
+            return
+        self._tail = (batch, self._tails.submit(self.tail, batch))
 
     def _rewind(self, batch: Batch) -> None:
         """Seek partitions still owned back to the first message not handled: the batch's start, or the
@@ -507,12 +648,23 @@ class Worker:
                 log.info("partition state", partition=tp.partition, state_offset=have, committed=next_offset)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # the tail in flight finishes and is committed while the partitions are still ours
+        self._in_callback = True
+        try:
+            self._finish_tail()
+        except Exception as exc:  # noqa: BLE001 - a callback must not raise
+            log.warning("tail not finished before the rebalance", error=str(exc)[:300])
+        finally:
+            self._in_callback = False
         self._revocations += 1
         self.owned = self.owned - {tp.partition for tp in partitions}
         log.info("partitions revoked", partitions=sorted(tp.partition for tp in partitions))
         for tp in partitions:
-            with suppress(KeyError):
-                metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
+            self._progress.pop((tp.topic, tp.partition), None)
+            self._stalled.discard((tp.topic, tp.partition))
+            for gauge in (metrics.CONSUMER_LAG, metrics.STALLED):
+                with suppress(KeyError):
+                    gauge.remove(tp.topic, str(tp.partition))
 
     def _settle_round(self, limit_s: float = 10.0) -> None:
         """Leave the group between rebalance rounds, not during one. Tansu 0.6 never finished a round that a
@@ -529,17 +681,65 @@ class Worker:
                 return
 
     def _update_lag(self) -> None:
+        """Every lag_interval_s: each assigned partition's lag (high watermark - position), and whether it
+        is stalled: lag, and the position has not moved for fetch_stall_s while consumption runs. A broker
+        that stops serving a partition (the embedded Tansu does past about 22k record batches) looks like
+        that: the fetches come back empty and the clicks wait in the log."""
         now = time.monotonic()
         if self.consumer is None or now - self._lag_at < self.lag_interval_s:
             return
         self._lag_at = now
+        limit = self.settings.fetch_stall_s
         try:
             for tp in self.consumer.position(self.consumer.assignment()):
                 _, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                if high >= 0 and tp.offset >= 0:
-                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
+                if high < 0 or tp.offset < 0:
+                    continue
+                lag = max(0, high - tp.offset)
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+                key = (tp.topic, tp.partition)
+                pos, since = self._progress.get(key, (-1, now))
+                if pos != tp.offset or lag == 0 or self._paused:
+                    self._progress[key] = (tp.offset, now)
+                    stalled = 0.0
+                else:
+                    stalled = now - since
+                gauge = metrics.STALLED.labels(tp.topic, str(tp.partition))
+                if stalled >= limit:
+                    if key not in self._stalled:
+                        self._stalled.add(key)
+                        metrics.STALLS.inc()
+                        log.error(
+                            "partition stalled: lag but no progress while consuming; the broker is not "
+                            "serving it",
+                            partition=tp.partition,
+                            lag=lag,
+                            position=tp.offset,
+                            seconds=round(stalled, 1),
+                        )
+                    gauge.set(stalled)
+                else:
+                    self._stalled.discard(key)
+                    gauge.set(0)
         except KafkaException as exc:
             log.debug("lag update failed", error=str(exc))
+
+    def _next_messages(self) -> list[Message]:
+        """What the consumer has now, without waiting for a batch to fill: block (up to batch_timeout_ms)
+        only for the first message when nothing is buffered, then take whatever else is buffered, up to
+        batch_max. At low load a batch is one click; under load, what arrived during the last batch.
+        While a tail is in flight the wait is short, so its commit follows soon after it finishes."""
+        assert self.consumer is not None
+        s = self.settings
+        msgs, self._stray = self._stray, []
+        wait = 0.0 if msgs else (0.005 if self._tail is not None else s.batch_timeout_ms / 1000)
+        first = self.consumer.poll(wait)
+        if first is not None:
+            msgs.append(first)
+        room = s.batch_max - len(msgs)
+        if msgs and room > 0:
+            msgs.extend(self.consumer.consume(room, timeout=0))
+        return msgs
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Consume until `stop` is set; then finish the batch in hand, commit, leave the group, flush."""
@@ -561,10 +761,9 @@ class Worker:
         try:
             while not self._stop.is_set():
                 health.beat()
-                msgs = self.consumer.consume(s.batch_max, timeout=s.batch_timeout_ms / 1000)
-                if self._stray:
-                    msgs, self._stray = self._stray + list(msgs), []
+                msgs = self._next_messages()
                 self._update_lag()
+                self._finish_tail(block=False)
                 good = []
                 for m in msgs:
                     err = m.error()
@@ -575,15 +774,46 @@ class Worker:
                 if good:
                     self._handle(good)
         finally:
-            self._settle_round()
-            log.info("worker stopping: leaving the group")
             try:
-                self.consumer.close()
+                self._finish_tail()
             finally:
-                left = self.producer.flush(10)
-                if left == 0:  # close() flushes without a time limit: only once nothing is pending
-                    self.producer.close()
-                log.info("worker stopped", undelivered=left)
+                self._tails.shutdown(wait=True)
+                self._settle_round()
+                log.info("worker stopping: leaving the group")
+                try:
+                    self.consumer.close()
+                finally:
+                    left = self.producer.flush(10)
+                    if left == 0:  # close() flushes without a time limit: only once nothing is pending
+                        self.producer.close()
+                    log.info("worker stopped", undelivered=left)
+
+
+def check_tower_fit(settings: Settings, catalog: Catalog, tower: TritonTower) -> int:
+    """Start-up: every setting the served tower constrains, checked against its config; returns its max_len.
+    Each mismatch fails fast with what to change (a silent one would feed the tower other inputs than it
+    was trained on)."""
+    dims = {t["name"]: [int(x) for x in t["dims"]] for t in tower.config()["input"]}
+    max_len = dims["ITEM_IDS"][0]
+    s, p = dims["SIDE_IDS"][1], dims["PROFILE_IDS"][0]
+    if catalog.item_side.shape[1] != s or catalog.n_profile_fields != p:
+        raise TowerMismatch(
+            f"checkpoint tables (S={catalog.item_side.shape[1]}, P={catalog.n_profile_fields}) do not "
+            f"fit the served tower (S={s}, P={p}): the worker's checkpoint is not the exported model's; "
+            "deploy the worker with the checkpoint the tower was exported from (MIND_CHECKPOINT)"
+        )
+    if settings.window_len < max_len:
+        raise TowerMismatch(
+            f"window_len {settings.window_len} is shorter than the served tower's window ({max_len} "
+            f"behaviours): the tower would see shorter histories than it was trained on; set "
+            f"MIND_WINDOW_LEN (window_len) to at least {max_len}"
+        )
+    if settings.recall_n + settings.window_len > MAX_TOPK:
+        raise TowerMismatch(
+            f"recall_n {settings.recall_n} + window_len {settings.window_len} exceeds Milvus' top-k limit "
+            f"{MAX_TOPK} (each interest retrieves recall_n plus the window's seen items): lower MIND_RECALL_N"
+        )
+    return max_len
 
 
 # ---- wiring ---------------------------------------------------------------------------------------------
@@ -673,7 +903,9 @@ def build_worker(
         settings, addr["redis"], socket_timeout=5.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
     )
     _until_ready("redis", client.ping, stop)
-    state = WindowState(client, settings.clicks_topic, settings.window_len)
+    state = WindowState(
+        client, settings.clicks_topic, settings.window_len, event_memory=settings.event_id_memory
+    )
     tower = TritonTower(addr["triton"], settings.triton_model, settings.triton_timeout_s)
     _until_ready("triton", tower.config, stop)
     token = settings.milvus_token.get_secret_value() if settings.milvus_token else None

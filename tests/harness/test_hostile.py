@@ -206,6 +206,7 @@ def test_hostile_corpus_through_the_real_worker(
 
     before = {code: metric("mind_worker_dlq_total", code=code) for code in ERROR_CODES}
     unknown_before = metric("mind_worker_unknown_items_total")
+    duplicates_before = metric("mind_worker_duplicate_events_total")
     abandoned_before = metric("mind_worker_batches_total", outcome="abandoned")
     recall = Reader(kafka_bootstrap, s.recall_topic, s.partitions)
     dlq = Reader(kafka_bootstrap, s.dlq_topic, s.dlq_partitions)
@@ -218,9 +219,15 @@ def test_hostile_corpus_through_the_real_worker(
     applied = [(w, c) for w, c in applied if c is not None]
     windows: dict[tuple[int, str], list[int]] = {}
     last: dict[tuple[int, str], str] = {}
+    events_seen: set[tuple[int, str]] = set()  # a repeated event id in a partition is skipped (counted)
+    duplicates = 0
     for (p, _), c in sorted(applied, key=lambda x: x[0]):
+        last[(p, c.user_id)] = c.event_id  # a skipped duplicate still triggers its user's refresh
+        if (p, c.event_id) in events_seen:
+            duplicates += 1
+            continue
+        events_seen.add((p, c.event_id))
         windows.setdefault((p, c.user_id), []).append(index(c.item_id))
-        last[(p, c.user_id)] = c.event_id
     assert max(map(len, windows.values())) <= s.window_len  # so the whole history is compared
     for e in events:  # the corpus' applied/oov agrees with the model's vocabulary
         if isinstance(e, HostileCase) and e.click is not None:
@@ -272,6 +279,7 @@ def test_hostile_corpus_through_the_real_worker(
     assert metric("mind_worker_unknown_items_total") - unknown_before == sum(
         1 for _, c in applied if index(c.item_id) == OOV
     )
+    assert duplicates > 0 and metric("mind_worker_duplicate_events_total") - duplicates_before == duplicates
     # recall: every window's last click triggered one; only applied clicks trigger any
     msgs = [parse_recall(v) for v in values]
     pairs = {(c.user_id, c.event_id) for _, c in applied}

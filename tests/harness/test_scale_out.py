@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from harness.soak import LoadRun
+from harness.load import LoadRun
 
 pytestmark = pytest.mark.slow
 

@@ -77,10 +77,14 @@ def test_slow_key_value_store_slows_the_worker_and_the_backlog_stays_in_the_brok
         run_dir=tmp_path,
     )
     fast, slow = res["phases"]["fast"], res["phases"]["slow"]
-    # rates against what was really published in each phase: a loaded machine slows the publisher too
-    assert fast["consumed_cps"] > 0.7 * fast["offered_cps"], res["phases"]  # keeps up while the store is fast
-    assert slow["consumed_cps"] < 0.6 * slow["offered_cps"], res["phases"]  # slowed down by the store
+    # Rates against what was really published, and the slow phase against the fast one: on a loaded
+    # machine neither the publisher nor the worker reaches its nominal rate, but the store's slowness
+    # must still show on top of whatever the machine allows.
+    assert slow["consumed_cps"] < 0.6 * fast["consumed_cps"], res["phases"]  # slowed down by the store
+    assert slow["consumed_cps"] < 0.6 * slow["offered_cps"], res["phases"]
+    fast_growth = (fast["lag_end"] - fast["lag_start"]) / fast["seconds"]
     assert res["lag_growth_slow"] > 0.3 * slow["offered_cps"] * slow_s  # the backlog grew, in the broker
+    assert res["lag_growth_slow"] / slow["seconds"] > fast_growth, res["phases"]  # faster than before
     assert res["slowdown"]["pauses"] >= slow_s - 2
     assert res["rss_mb_growth_slow"] < 50, res["samples"]  # ... and not in the worker's memory
     assert res["bounds"]["consumer"]["queued.max.messages.kbytes"] == s.consumer_queued_max_kbytes

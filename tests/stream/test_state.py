@@ -15,7 +15,7 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from stream.embedded.redis import free_port
-from stream.state import WindowState
+from stream.state import UserClicks, Window, WindowState
 
 TOPIC = "clicks-state"
 
@@ -25,29 +25,34 @@ def state(redis_db: Any) -> WindowState:
     return WindowState(redis_db, TOPIC, max_len=4)
 
 
-def test_batch_applied_with_its_offset_in_one_call(state: WindowState, redis_db: Any) -> None:
-    res = state.apply(3, 12, [("u1", [10, 12], [5, 6]), ("u2", [11], [7])])
-    assert res == (-1, 3, 0)
+def test_batch_applied_with_its_offset_in_one_call_which_returns_the_windows(
+    state: WindowState, redis_db: Any
+) -> None:
+    res, windows = state.apply(3, 12, [("u1", [10, 12], [5, 6]), ("u2", [11], [7])])
+    assert res == (-1, 3, 0, 0)
+    assert [w.items for w in windows] == [[5, 6], [7]]
     assert state.read_windows([(3, "u1"), (3, "u2"), (3, "nobody")]) == [[5, 6], [7], []]
     assert state.offsets([3, 4]) == {3: 12, 4: -1}
     # one partition's keys share a Redis Cluster slot, so one script may touch them all
-    slots = {key_slot(k.encode()) for k in (state.offset_key(3), state.window_key(3, "u1"))}
+    keys = (state.offset_key(3), state.events_key(3), state.window_key(3, "u1"), state.interests_key(3, "u1"))
+    slots = {key_slot(k.encode()) for k in keys}
     assert len(slots) == 1 and key_slot(state.offset_key(4).encode()) not in slots
 
 
-def test_replayed_batch_is_skipped(state: WindowState) -> None:
+def test_replayed_batch_is_skipped_and_still_returns_the_windows(state: WindowState) -> None:
     batch = [("u1", [0, 1, 2], [2, 3, 4]), ("u2", [3], [9])]
-    assert state.apply(0, 3, batch).applied == 4
-    again = state.apply(0, 3, batch)
-    assert again == (3, 0, 4)
+    assert state.apply(0, 3, batch)[0].applied == 4
+    again, windows = state.apply(0, 3, batch)
+    assert again == (3, 0, 4, 0)
+    assert [w.items for w in windows] == [[2, 3, 4], [9]]  # a retry still gets what it needs
     assert state.read_windows([(0, "u1"), (0, "u2")]) == [[2, 3, 4], [9]]
 
 
 def test_partial_replay_applies_only_newer_clicks(state: WindowState) -> None:
     """A crash after offsets 0..5 were applied; the re-delivered batch 3..8 brings 6..8 once."""
     state.apply(1, 5, [("u", [0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7])])
-    res = state.apply(1, 8, [("u", [3, 4, 5, 6], [5, 6, 7, 8]), ("v", [7, 8], [11, 12])])
-    assert res == (5, 3, 3)
+    res, _ = state.apply(1, 8, [("u", [3, 4, 5, 6], [5, 6, 7, 8]), ("v", [7, 8], [11, 12])])
+    assert res == (5, 3, 3, 0)
     assert state.read_windows([(1, "u"), (1, "v")]) == [[5, 6, 7, 8], [11, 12]]  # max_len 4
     assert state.offsets([1]) == {1: 8}
 
@@ -70,19 +75,46 @@ def test_a_bad_key_applies_nothing(state: WindowState, redis_db: Any) -> None:
 def test_reset_offset(state: WindowState) -> None:
     state.apply(0, 40, [("u", [40], [2])])
     state.reset_offset(0, -1)
-    assert state.apply(0, 0, [("u", [0], [3])]).applied == 1
+    assert state.apply(0, 0, [("u", [0], [3])])[0].applied == 1
     assert state.read_windows([(0, "u")]) == [[2, 3]]
 
 
-def test_interests_round_trip(state: WindowState) -> None:
+def test_click_times_are_kept_and_old_entries_read_as_unknown(state: WindowState, redis_db: Any) -> None:
+    redis_db.rpush(state.window_key(0, "u"), "5", "6")  # written before times were kept: bare items
+    _, (w,) = state.apply(
+        0, 3, [UserClicks("u", [2, 3], [7, 8], ["e2", "e3"], [1_700_000_000, 1_700_000_009])]
+    )
+    assert w == Window([5, 6, 7, 8], [0, 0, 1_700_000_000, 1_700_000_009])
+    assert state.read_windows_with_times([(0, "u")]) == [w]
+
+
+def test_a_duplicated_event_id_is_applied_once(redis_db: Any) -> None:
+    state = WindowState(redis_db, TOPIC, max_len=10, event_memory=3)
+    res, (w,) = state.apply(0, 2, [UserClicks("u", [0, 1, 2], [5, 6, 5], ["a", "b", "a"])])
+    assert res == (-1, 2, 0, 1) and w.items == [5, 6]  # the second "a" (a retried publish) is skipped
+    res, (w,) = state.apply(0, 4, [UserClicks("u", [3, 4], [6, 7], ["b", "c"])])
+    assert res.duplicates == 1 and w.items == [5, 6, 7]
+    # the memory is bounded: only the last 3 applied ids are kept, so "a" is forgotten
+    assert redis_db.zcard(state.events_key(0)) == 3
+    state.apply(0, 6, [UserClicks("u", [5, 6], [8, 9], ["d", "e"])])
+    res, (w,) = state.apply(0, 7, [UserClicks("u", [7], [5], ["a"])])
+    assert res.applied == 1 and w.items[-1] == 5
+
+
+def test_interests_round_trip_and_an_older_fence_never_overwrites(state: WindowState) -> None:
     vec = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     active = np.array([[True, True, False], [True, False, False]])
-    state.write_interests(["a", "b"], vec, active, "7", ts=123.5)
-    a, b = state.read_interests("a"), state.read_interests("b")
+    assert state.write_interests(1, ["a", "b"], [10, 11], vec, active, "7", ts=123.5) == 2
+    a, b = state.read_interests(1, "a"), state.read_interests(1, "b")
     assert a is not None and b is not None
     np.testing.assert_array_equal(a[0], vec[0, :2])
-    assert (a[1], a[2]) == ("7", 123.5) and b[0].shape == (1, 4)
-    assert state.read_interests("c") is None
+    assert a[1:] == ("7", 123.5, 10) and b[0].shape == (1, 4)
+    assert state.read_interests(1, "c") is None
+    # a zombie's late write (an older click offset) is refused; a newer one wins
+    assert state.write_interests(1, ["a"], [9], vec[1:] * 0, active[1:], "6", ts=200.0) == 0
+    assert state.read_interests(1, "a")[1:] == ("7", 123.5, 10)  # type: ignore[index]
+    assert state.write_interests(1, ["a"], [12], vec[1:], active[1:], "7", ts=201.0) == 1
+    assert state.read_interests(1, "a")[3] == 12  # type: ignore[index]
 
 
 def test_connection_errors_are_retried_then_raised() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_worker import (
+from workerkit import (
     ClickLog,
     Reader,
     Running,
