@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 from workerkit import (
     ClickLog,
     Reader,
@@ -29,7 +30,6 @@ from workerkit import (
     record,
     setup_topics,
 )
-from typer.testing import CliRunner
 
 from indexer.store import IndexUnavailable, ItemIndex
 from mind.export import list_versions
