@@ -1,7 +1,7 @@
 """stream.health: /metrics, /healthz and /readyz served by a real HTTP server on a free port.
 
 The probe logic runs against a real server with a hand-driven clock (liveness bounds of 90 s cannot be
-waited for); the last test runs the whole worker (`run_worker`) on the real stack and reads its probes.
+waited for); the last tests run the whole worker (`run_worker`) on the real stack and read its probes.
 """
 
 from __future__ import annotations
@@ -15,10 +15,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
+from waiting import until
+from workerkit import make_clicks, metric, setup_topics
 
 from stream import health, metrics
 from stream.embedded.redis import free_port
 from stream.health import Health, HealthServer, serve
+from stream.schemas import dump_click
+from stream.worker import run_worker
 
 
 class Clock:
@@ -129,8 +134,6 @@ def test_run_worker_serves_the_probes(
     worker_model: Any, kafka_bootstrap: str, redis_url: str, uid: str
 ) -> None:
     """The real worker: ready once it has reached its servers and joined; the server goes with the worker."""
-    from stream.worker import run_worker
-
     port = free_port()
     s = worker_model.settings(kafka_bootstrap, redis_url, uid, metrics_port=port)
     stop = threading.Event()
@@ -166,3 +169,57 @@ def test_run_worker_serves_the_probes(
     with pytest.raises(urllib.error.URLError):  # the server stopped with the worker
         get(port, "/healthz")
     assert health.HEALTH.ready()[0] is False
+
+
+@pytest.mark.slow
+def test_a_partition_the_broker_stops_serving_fails_readiness(
+    worker_model: Any, kafka_bootstrap: str, redis_url: str, uid: str
+) -> None:
+    """The embedded Tansu stops answering a partition's fetches once listing its record batches takes
+    longer than the fetch wait (about 22k batches at 10 ms; here 1 ms and 4,000 one-message batches). The
+    clicks wait in the log with lag and no progress: /readyz must say so, and a metric count it."""
+    port = free_port()
+    s = worker_model.settings(
+        kafka_bootstrap,
+        redis_url,
+        uid,
+        metrics_port=port,
+        partitions=1,
+        fetch_wait_max_ms=1,
+        fetch_stall_s=2.0,
+    )
+    setup_topics(s)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
+    for c in make_clicks(worker_model, uid, [str(u) for u in range(20)], per_user=200, seed=9):
+        producer.produce(s.clicks_topic, dump_click(c), c.user_id.encode())
+        producer.flush(10)  # one record batch per click
+    stalls = metric("mind_worker_partition_stalls_total")
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_worker(s, stop, checkpoint=worker_model.checkpoint)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+
+        def stalled() -> dict[str, Any] | None:
+            try:
+                status, body, _ = get(port, "/readyz")
+            except urllib.error.URLError:  # not listening yet
+                return None
+            return body if status == 503 and body["checks"]["stalled"] else None
+
+        body = until(stalled, what="/readyz to report the stalled partition", timeout=90)
+        (reason,) = body["checks"]["stalled"].values()
+        assert "no progress" in reason and body["status"] == "fail"
+        assert metric("mind_worker_partition_stalls_total") > stalls
+        assert get(port, "/healthz")[0] == 200  # alive: restarting the worker would not help
+    finally:
+        stop.set()
+        t.join(60)
+    assert not t.is_alive() and not errors
