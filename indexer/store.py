@@ -130,7 +130,8 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 class ItemIndex:
-    """Versioned item index. Thread-safe for concurrent search/flip within one process (one gRPC channel)."""
+    """Versioned item index. Thread-safe for concurrent search/flip within one process (pymilvus' channel,
+    plus one channel of its own for searches: indexer/wire.py)."""
 
     def __init__(
         self,
