@@ -433,61 +433,70 @@ def _bench_size(
     )
     out["indexes"] = {}
     for index_type in INDEX_TYPES:
-        version = f"n{size}_{index_type.lower()}"
         res: dict[str, Any] = {}
-        if index_type == "IVF_FLAT":
-            nlist = ivf_nlist(size)
-            res["index_params"], search_params = {"nlist": nlist}, {"nprobe": 16}
-        else:
-            res["index_params"], search_params = {}, {}
-        t0 = time.perf_counter()
-        index.create_version(
-            version,
-            cfg.d,
-            index_type=index_type,
-            index_params=res["index_params"],
-            search_params=search_params,
-        )
-        index.insert(version, ids, x, batch=min(cfg.chunk, MAX_INSERT_CHUNK), progress=progress)
-        t1 = time.perf_counter()
-        index.build(version)
-        t2 = time.perf_counter()
-        res.update(insert_s=round(t1 - t0, 2), build_s=round(t2 - t1, 2), rows_per_s=round(size / (t1 - t0)))
-        log(f"{size} items {index_type}: inserted in {t1 - t0:.1f} s, built in {t2 - t1:.1f} s")
-        if index_type == "IVF_FLAT":
-            res["tuning"] = _tune_nprobe(
-                index, version, res["index_params"]["nlist"], tune_q, tune_truth, cfg
-            )
-            log(f"  nprobe: {res['tuning']['note']} (tried {res['tuning']['tried']})")
-        res["search_params"] = index.info(version, refresh=True).search_params
-        rec = recall_at(index.search(test_q, cfg.n, version=version).ids, test_truth)
-        res[f"recall@{cfg.n}"] = round(rec, 4)
-        res["meets_target"] = rec >= cfg.recall_target
-        log(f"  recall@{cfg.n} {rec:.4f} (search params {res['search_params']})")
-        res["nq"] = {}
-        for nq in cfg.nqs:
-            cap = max(cfg.min_calls, round(cfg.calls_nq1 / math.sqrt(nq)))
-            mil, ex = _alternate(
-                [lambda q, v=version: index.search(q, cfg.n, version=v), lambda q: exact_top(q, x, cfg.n)],
-                _batcher(pool, nq),
-                cap,
-                cfg,
-            )
-            m, e = _summary(mil, nq), _summary(ex, nq)
-            pair = np.asarray(mil) / np.asarray(ex)
-            res["nq"][str(nq)] = {
-                "milvus": m,
-                "exact": e,
-                "ratio_p50": round(m["p50_ms"] / e["p50_ms"], 2),
-                "paired_ratio_p50": round(float(np.median(pair)), 2),
-            }
-            log(
-                f"  nq={nq}: Milvus {m['ms_per_query']:.3f} ms/query (p99 {m['p99_ms']} ms/call, "
-                f"{m['calls']} calls) vs exact {e['ms_per_query']:.3f} ms/query"
-            )
-        if paths and index_type == "FLAT":
-            out["search_paths"] = _bench_paths(index, version, pool, cfg, log)
         out["indexes"][index_type] = res
+        try:
+            version = f"n{size}_{index_type.lower()}"
+            if index_type == "IVF_FLAT":
+                nlist = ivf_nlist(size)
+                res["index_params"], search_params = {"nlist": nlist}, {"nprobe": 16}
+            else:
+                res["index_params"], search_params = {}, {}
+            t0 = time.perf_counter()
+            index.create_version(
+                version,
+                cfg.d,
+                index_type=index_type,
+                index_params=res["index_params"],
+                search_params=search_params,
+            )
+            index.insert(version, ids, x, batch=min(cfg.chunk, MAX_INSERT_CHUNK), progress=progress)
+            t1 = time.perf_counter()
+            index.build(version)
+            t2 = time.perf_counter()
+            res.update(
+                insert_s=round(t1 - t0, 2), build_s=round(t2 - t1, 2), rows_per_s=round(size / (t1 - t0))
+            )
+            log(f"{size} items {index_type}: inserted in {t1 - t0:.1f} s, built in {t2 - t1:.1f} s")
+            if index_type == "IVF_FLAT":
+                res["tuning"] = _tune_nprobe(
+                    index, version, res["index_params"]["nlist"], tune_q, tune_truth, cfg
+                )
+                log(f"  nprobe: {res['tuning']['note']} (tried {res['tuning']['tried']})")
+            res["search_params"] = index.info(version, refresh=True).search_params
+            rec = recall_at(index.search(test_q, cfg.n, version=version).ids, test_truth)
+            res[f"recall@{cfg.n}"] = round(rec, 4)
+            res["meets_target"] = rec >= cfg.recall_target
+            log(f"  recall@{cfg.n} {rec:.4f} (search params {res['search_params']})")
+            res["nq"] = {}
+            for nq in cfg.nqs:
+                cap = max(cfg.min_calls, round(cfg.calls_nq1 / math.sqrt(nq)))
+                mil, ex = _alternate(
+                    [
+                        lambda q, v=version: index.search(q, cfg.n, version=v),
+                        lambda q: exact_top(q, x, cfg.n),
+                    ],
+                    _batcher(pool, nq),
+                    cap,
+                    cfg,
+                )
+                m, e = _summary(mil, nq), _summary(ex, nq)
+                pair = np.asarray(mil) / np.asarray(ex)
+                res["nq"][str(nq)] = {
+                    "milvus": m,
+                    "exact": e,
+                    "ratio_p50": round(m["p50_ms"] / e["p50_ms"], 2),
+                    "paired_ratio_p50": round(float(np.median(pair)), 2),
+                }
+                log(
+                    f"  nq={nq}: Milvus {m['ms_per_query']:.3f} ms/query (p99 {m['p99_ms']} ms/call, "
+                    f"{m['calls']} calls) vs exact {e['ms_per_query']:.3f} ms/query"
+                )
+            if paths and index_type == "FLAT":
+                out["search_paths"] = _bench_paths(index, version, pool, cfg, log)
+        except Exception as exc:  # noqa: BLE001 - recorded; the other index type still runs
+            res["error"] = f"{type(exc).__name__}: {exc}"
+            log(f"{size} items {index_type}: failed: {exc}")
         index.drop_old(grace_s=0)  # never flipped: every version of this run's prefix goes, memory back
     out["loadavg_end"] = loadavg()
     out["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -520,7 +529,9 @@ def _ann_wins(sizes: dict[str, Any], nqs: Sequence[int], target: float) -> dict[
         rows = [
             (s, ix["IVF_FLAT"], ix["FLAT"])
             for s, ix in done
-            if {"IVF_FLAT", "FLAT"} <= set(ix) and nq in ix["IVF_FLAT"]["nq"] and nq in ix["FLAT"]["nq"]
+            if {"IVF_FLAT", "FLAT"} <= set(ix)
+            and nq in ix["IVF_FLAT"].get("nq", {})
+            and nq in ix["FLAT"].get("nq", {})
         ]
         faster = [(s, _p50(i, nq) < WIN_MARGIN * _p50(f, nq)) for s, i, f in rows]
         out[nq] = {
@@ -557,7 +568,10 @@ def run(
     res: dict[str, Any] = {"recipe": RECIPE, "config": asdict(cfg), "sizes": {}}
     if merge and out.exists():
         old = json.loads(out.read_text())
-        if old.get("config") != res["config"] or old.get("recipe") != RECIPE:
+        same = json.loads(
+            json.dumps({"config": res["config"], "recipe": RECIPE})
+        )  # tuples read back as lists
+        if {"config": old.get("config"), "recipe": old.get("recipe")} != same:
             raise ValueError(f"{out} was measured with another config or recipe; run without merge")
         res["sizes"] = old["sizes"]
         if old.get("search_paths"):
@@ -618,7 +632,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(nqs), figsize=(4.6 * len(nqs), 3.8), squeeze=False)
     for ax, nq in zip(axes[0], nqs, strict=True):
         for it, style in (("FLAT", "o-"), ("IVF_FLAT", "s--")):
-            pts = [(s, v["indexes"][it]) for s, v in done if it in v["indexes"]]
+            pts = [(s, v["indexes"][it]) for s, v in done if "nq" in v["indexes"].get(it, {})]
             if not pts:
                 continue
             xs = [s for s, _ in pts]
@@ -633,12 +647,13 @@ def plot(res: dict[str, Any], path: Path) -> None:
                     textcoords="offset points",
                     xytext=(3, 4),
                 )
-        if done:
-            ex = [
-                statistics.median(r["nq"][str(nq)]["exact"]["ms_per_query"] for r in v["indexes"].values())
-                for _, v in done
-            ]
-            ax.plot([s for s, _ in done], ex, "k:", marker="^", label="exact numpy (in-process)")
+        ex = [
+            (s, statistics.median(r["nq"][str(nq)]["exact"]["ms_per_query"] for r in rs))
+            for s, v in done
+            if (rs := [r for r in v["indexes"].values() if "nq" in r])
+        ]
+        if ex:
+            ax.plot(*zip(*ex, strict=True), "k:", marker="^", label="exact numpy (in-process)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"nq = {nq}")
@@ -672,7 +687,9 @@ def table(res: dict[str, Any]) -> str:
             lines.append(f"| {size:,} | — | | | {v.get('skipped') or v.get('error')} | | | |")
             continue
         for it, r in v["indexes"].items():
-            for nq, t in r["nq"].items():
+            if "error" in r:
+                lines.append(f"| {size:,} | {it} | | | {r['error']} | | | |")
+            for nq, t in r.get("nq", {}).items():
                 m, e = t["milvus"], t["exact"]
                 tail = " / ".join("—" if m[k] is None else f"{m[k]:.2f}" for k in ("p99_ms", "p99_9_ms"))
                 lines.append(
@@ -682,7 +699,7 @@ def table(res: dict[str, Any]) -> str:
     lines.append("")
     for size, v in sorted((int(k), v) for k, v in res["sizes"].items()):
         ivf, im = v.get("indexes", {}).get("IVF_FLAT"), v.get("ivf_model")
-        if ivf:
+        if ivf and "tuning" in ivf:
             tn = ivf["tuning"]
             lines.append(
                 f"IVF_FLAT at {size:,} on this server: nlist {ivf['index_params']['nlist']}, "

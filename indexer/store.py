@@ -283,6 +283,9 @@ class ItemIndex:
         if not refresh and v in self._infos:
             return self._infos[v]
         got = self._get_meta([f"version:{v}"]).get(f"version:{v}")
+        if got is None:  # once, right after a 1M-row build, milvus-lite missed a record it had just written
+            time.sleep(0.2)
+            got = self._get_meta([f"version:{v}"]).get(f"version:{v}")
         if got is None:
             raise IndexUnavailable(
                 f"index version {v!r} does not exist under prefix {self.prefix!r} at {self.uri}; "

@@ -62,8 +62,11 @@ def test_tiny_run_writes_json_and_png(tmp_path: Path) -> None:
         nqs=(1, 16), budget_s=0.2, calls_nq1=20, paths_calls_nq1=10, tune_queries=32, test_queries=32
     )
     out = tmp_path / "catalogue.json"
-    res = run(out, (2_000, 3_000), log=lambda m: None, cfg=cfg, progress=False)
+    run(out, (2_000,), log=lambda m: None, cfg=cfg, progress=False)
+    res = run(out, (3_000,), log=lambda m: None, cfg=cfg, progress=False, merge=True)  # a second hold
     got = json.loads(out.read_text())
+    assert [r["sizes"] for r in got["runs"]] == [[2_000], [3_000]]
+    assert got["search_paths"]["size"] == "2000"  # measured once, at the smallest size, and kept
     assert {"recipe", "config", "sizes", "search_paths", "ann_wins", "machine", "seconds"} <= set(got)
     assert out.with_suffix(".png").stat().st_size > 0
     for size in ("2000", "3000"):
