@@ -1,5 +1,5 @@
 """Catalogue-size serving benchmark: Milvus search (FLAT and IVF_FLAT) beside an exact in-process top-N, at
-catalogue sizes from Beauty's 12k items up to 1M (`mind bench serving --catalogue-sizes 12k,100k,1M`).
+catalogue sizes from Beauty's 12k items up to 1M (`python -m harness.bench_catalogue --sizes 12k,100k,1M`).
 
 Why: Beauty's catalogue (12k items) is small enough that an exact scan beats the server; a production
 catalogue is not. This measures where an ANN index starts to pay, on item vectors shaped like trained
