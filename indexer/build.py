@@ -6,6 +6,8 @@ row index = item index) and only writes it. Rows 0 (padding) and 1 (OOV) are ski
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -13,7 +15,58 @@ from typing import Any
 
 import numpy as np
 
-from indexer.store import ItemIndex, VersionMismatch, normalize_version
+from indexer.store import DEFAULT_INDEX_PARAMS, ItemIndex, VersionMismatch, normalize_version
+
+log = logging.getLogger(__name__)
+
+# The index-type rule, from `python -m harness.bench_catalogue` (benchmarks/catalogue.json; indexer/README.md,
+# "Index type by catalogue size"): 64-d clustered item vectors, IP, top-50, nq 1/16/256.
+# FLAT (exact) below; IVF_FLAT from here: IVF was 2.8-5.6x faster than FLAT at 100k, no faster at 12k.
+IVF_FROM_ROWS = 100_000
+# nprobe = nlist x this: recall@50 >= 0.95 in the IVF model at 100k (0.963) and 1M (0.977); 12k needed 1/4.
+IVF_NPROBE_SHARE = 1 / 8
+IVF_MIN_NPROBE = 16
+
+
+def ivf_nlist(n_rows: int) -> int:
+    """IVF lists for n_rows: 4 sqrt(n) (Milvus' rule of thumb), as a power of two in 16..65536."""
+    return int(min(65_536, max(16, 2 ** round(math.log2(4 * math.sqrt(max(n_rows, 1)))))))
+
+
+def ivf_params(n_rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(index params, search params) of IVF_FLAT for a catalogue of n_rows."""
+    nlist = ivf_nlist(n_rows)
+    return {"nlist": nlist}, {"nprobe": min(nlist, max(IVF_MIN_NPROBE, round(nlist * IVF_NPROBE_SHARE)))}
+
+
+def choose_index(
+    n_rows: int,
+    index_type: str | None = None,
+    *,
+    applies_index_params: bool = True,
+    ivf_from_rows: int = IVF_FROM_ROWS,
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(index type, index params, search params) for a catalogue of n_rows items.
+
+    The rule: FLAT below ivf_from_rows, where an exact scan costs little and gives recall 1; IVF_FLAT from
+    there, with ivf_params(n_rows). A server that does not apply IVF parameters (milvus-lite 2.5:
+    ItemIndex.applies_index_params) gets FLAT at every size, because its own IVF cannot be tuned to the
+    recall target. `index_type` overrides the rule (IVF types then get ivf_params, others their defaults).
+    """
+    if n_rows < 0:
+        raise ValueError(f"n_rows must be >= 0, got {n_rows}")
+    if index_type is not None:
+        it = index_type.upper()
+        if it not in DEFAULT_INDEX_PARAMS:
+            raise ValueError(f"index_type must be one of {sorted(DEFAULT_INDEX_PARAMS)}, got {index_type!r}")
+    elif n_rows >= ivf_from_rows and applies_index_params:
+        it = "IVF_FLAT"
+    else:
+        it = "FLAT"
+    if it.startswith("IVF_"):
+        return (it, *ivf_params(n_rows))
+    bp, sp = DEFAULT_INDEX_PARAMS[it]
+    return it, dict(bp), dict(sp)
 
 
 @dataclass
@@ -30,6 +83,7 @@ class IndexStats:
     previous: str | None
     active: str | None
     dropped: list[str]
+    index_type: str | None = None  # of the version written (chosen by catalogue size unless given)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,7 +111,9 @@ def index_items(
     token: str | None = None,
     prefix: str = "items",
     metric: str = "IP",
-    index_type: str = "FLAT",
+    index_type: str | None = None,
+    index_params: dict[str, Any] | None = None,
+    search_params: dict[str, Any] | None = None,
     flip: bool = True,
     drop_grace_s: float | None = None,
     progress: bool = True,
@@ -67,6 +123,8 @@ def index_items(
     must be `version` (vectors of one model must never land in another model's index).
 
     drop_grace_s: after a full flip, drop versions retired longer ago than this (None = keep all).
+    index_type: None picks it by catalogue size (choose_index); a type given wins. index_params /
+    search_params override the chosen ones (e.g. nlist, nprobe).
     """
     if (uri is None) == (index is None):
         raise ValueError("pass exactly one of uri or index")
@@ -88,11 +146,39 @@ def index_items(
             raise ValueError(f"changed_ids must lie in {idx.min_id}..{m.shape[0] - 1} (0/1 are PAD/OOV)")
         rows = idx.upsert(v, ids, m[ids], batch=chunk, progress=progress)
         t1 = time.perf_counter()
-        return IndexStats(v, "incremental", rows, m.shape[1], t1 - t0, t1 - t0, 0.0, active, active, [])
+        return IndexStats(
+            v,
+            "incremental",
+            rows,
+            m.shape[1],
+            t1 - t0,
+            t1 - t0,
+            0.0,
+            active,
+            active,
+            [],
+            idx.info(v).index_type,
+        )
 
     previous = idx.active_version(max_age_s=0)
-    idx.create_version(v, dim=m.shape[1], metric=metric, index_type=index_type, replace=True)
     ids = np.arange(idx.min_id, m.shape[0], dtype=np.int64)
+    applies = idx.applies_index_params()
+    it, ip, sp = choose_index(len(ids), index_type, applies_index_params=applies)
+    if index_type is None and not applies and len(ids) >= IVF_FROM_ROWS:
+        log.warning(
+            "%d items: FLAT (exact scan of every row per query), because this Milvus (milvus-lite) does not "
+            "apply IVF parameters; at this size serve from Milvus standalone (indexer/README.md)",
+            len(ids),
+        )
+    idx.create_version(
+        v,
+        dim=m.shape[1],
+        metric=metric,
+        index_type=it,
+        index_params=index_params if index_params is not None else ip,
+        search_params=search_params if search_params is not None else sp,
+        replace=True,
+    )
     rows = idx.insert(v, ids, m[idx.min_id :], batch=chunk, progress=progress)
     t1 = time.perf_counter()
     idx.build(v)
@@ -105,5 +191,5 @@ def index_items(
         if drop_grace_s is not None:
             dropped = idx.drop_old(grace_s=drop_grace_s)
     return IndexStats(
-        v, "full", rows, m.shape[1], time.perf_counter() - t0, t1 - t0, t2 - t1, previous, active, dropped
+        v, "full", rows, m.shape[1], time.perf_counter() - t0, t1 - t0, t2 - t1, previous, active, dropped, it
     )

@@ -168,7 +168,7 @@ def roll(
     drop_grace_s: float | None = 600.0,
     keep: int = 1,
     chunk: int = 2048,
-    index_type: str = "FLAT",
+    index_type: str | None = None,
     load_timeout_s: float = 300.0,
 ) -> RollResult:
     """Serve `checkpoint` as the next model version; see the module docstring for the steps and order.
@@ -177,7 +177,8 @@ def roll(
     addresses mean the embedded servers. repo: the model repository Triton serves (default
     $MIND_MODEL_REPO or ./model_repo). drop_grace_s: drop index versions retired longer ago than this
     (None: drop nothing); keep: retired versions spared anyway, for rollback. progress: tqdm bars for the
-    embedding and the writes; echo: one line per step (default: logging at INFO).
+    embedding and the writes; echo: one line per step (default: logging at INFO). index_type: None picks
+    it by catalogue size (indexer.build.choose_index).
     Raises RollError (the previous version still serves) or KeyboardInterrupt (after undoing).
     """
 

@@ -187,13 +187,15 @@ def index_checkpoint(
     prefix: str = "items",
     token: str | None = None,
     progress: bool = True,
+    index_type: str | None = None,
 ) -> IndexStats:
     """Embed the whole catalogue with the checkpoint's model and index it as its exported version.
 
     Full mode writes a new collection, builds it, flips the active pointer, then drops versions retired
     more than drop_grace_s ago (None keeps them). Incremental mode upserts `changed_ids` into the active
     version, which must be this one. `chunk` bounds both the embedding chunk and the insert call size
-    (milvus-lite 2.5 stalls on large inserts: indexer/README.md).
+    (milvus-lite 2.5 stalls on large inserts: indexer/README.md). index_type: None picks it by catalogue
+    size (indexer.build.choose_index); a type given wins.
     """
     model, meta = load_checkpoint(Path(ckpt))
     v = resolve_version(repo, model_name, str(meta["vocab_hash"]), model_digest(model), version)
@@ -209,4 +211,5 @@ def index_checkpoint(
         prefix=prefix,
         drop_grace_s=drop_grace_s,
         progress=progress,
+        index_type=index_type,
     )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.build import index_items
+from indexer.build import IVF_FROM_ROWS, choose_index, index_items, ivf_nlist, ivf_params
 from indexer.store import ItemIndex, VersionMismatch
 
 
@@ -87,3 +87,38 @@ def test_bad_inputs(index: ItemIndex) -> None:
         index_items(np.ones((2, 8), np.float32), "v1", index=index, progress=False)
     with pytest.raises(ValueError, match="exactly one"):
         index_items(np.ones((5, 8), np.float32), "v1", progress=False)
+
+
+def test_choose_index_by_catalogue_size_and_override() -> None:
+    assert choose_index(12_103) == ("FLAT", {}, {})
+    assert choose_index(IVF_FROM_ROWS - 1)[0] == "FLAT"
+    it, ip, sp = choose_index(IVF_FROM_ROWS)
+    assert it == "IVF_FLAT" and (ip, sp) == ivf_params(IVF_FROM_ROWS)
+    assert [ivf_nlist(n) for n in (1_000, 12_000, 100_000, 1_000_000)] == [128, 512, 1024, 4096]
+    for n in (IVF_FROM_ROWS, 1_000_000, 10_000_000):
+        (ip, sp) = ivf_params(n)
+        assert 1 <= sp["nprobe"] <= ip["nlist"] and ip["nlist"] & (ip["nlist"] - 1) == 0
+    # a server that does not apply IVF parameters (milvus-lite) stays exact at any size
+    assert choose_index(1_000_000, applies_index_params=False) == ("FLAT", {}, {})
+    # an explicit type wins, in either direction; IVF types get the size's nlist / nprobe
+    assert choose_index(500, "ivf_flat") == ("IVF_FLAT", *ivf_params(500))
+    assert choose_index(1_000_000, "FLAT") == ("FLAT", {}, {})
+    assert choose_index(1_000_000, "HNSW")[0] == "HNSW"
+    assert choose_index(50, ivf_from_rows=10)[0] == "IVF_FLAT"
+    with pytest.raises(ValueError, match="index_type"):
+        choose_index(10, "ANNOY")
+
+
+def test_index_items_picks_the_type_and_an_explicit_one_wins(index: ItemIndex) -> None:
+    assert not index.applies_index_params()  # milvus-lite 2.5: its own interim index, nprobe not applied
+    m = catalogue(600, 8, 0)
+    stats = index_items(m, "v1", index=index, progress=False)
+    assert stats.index_type == index.info("v1").index_type == "FLAT"
+    stats = index_items(m, "v2", index=index, progress=False, index_type="IVF_FLAT")
+    info = index.info("v2")
+    assert stats.index_type == info.index_type == "IVF_FLAT"
+    assert (info.index_params, info.search_params) == ivf_params(598)
+    index_items(m, "v3", index=index, progress=False, index_type="IVF_FLAT", search_params={"nprobe": 3})
+    assert index.info("v3").search_params == {"nprobe": 3}
+    q = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
+    assert index.search(q, 5).version == "v3"

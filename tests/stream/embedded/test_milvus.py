@@ -57,6 +57,7 @@ def test_missing_binary_says_what_to_install(monkeypatch: pytest.MonkeyPatch) ->
 def test_local_file_uri_uses_the_same_client_code(tmp_path: Path) -> None:
     """pymilvus starts milvus-lite in-process for a `.db` path: no launcher, same ItemIndex."""
     index = ItemIndex(str(tmp_path / "items.db"))
+    assert not index.flat  # no server address to open a channel to: the pymilvus search path
     index.create_version("v1", dim=4)
     index.insert("v1", np.arange(2, 6), np.eye(4, dtype=np.float32), progress=False)
     index.build("v1")
