@@ -4,7 +4,7 @@ beyond the recall message. Read-only.
     behaviours   the window list in the key-value store (`mind:{<clicks>.<click_partition>}:win:<user>`,
                  through stream.state.WindowState's read methods), raw item and side ids from the
                  checkpoint's Catalog
-    interests    the interests hash (vec [k, d], model_version, ts)
+    interests    the user's interests hash in the same partition's slot (vec [k, d], model_version, ts)
     top items    each interest's own nearest items in Milvus, in the recall message's index version
     coupling     the user tower's optional COUPLING output (Triton) for the same window: which behaviour
                  fed which interest (routing's w_ij, the paper's Fig. 5)
@@ -240,11 +240,13 @@ class Inspector:
             look.timings_ms[source] = look.timings_ms.get(source, 0.0) + (time.perf_counter() - t0) * 1e3
 
     def _window(self, look: UserLook, catalog: Catalog | None) -> list[int] | None:
+        state = self._part(look, "redis", self.state)  # first: a missing address is worth a note too
         part = look.msg.get("click_partition")
         if part is None:
-            look.notes.append("the recall message carries no click_partition: the window cannot be found")
+            look.notes.append(
+                "the recall message carries no click_partition: the window and the interests cannot be found"
+            )
             return None
-        state = self._part(look, "redis", self.state)
         if state is None:
             return None
         look.window_key = state.window_key(int(part), look.user_id)
@@ -259,15 +261,17 @@ class Inspector:
         return got
 
     def _interests(self, look: UserLook) -> np.ndarray | None:
-        state = self._part(look, "redis", self.state)
-        if state is None:
+        part = look.msg.get("click_partition")
+        state = self._state  # opened (or its absence noted) by _window
+        if part is None or state is None:  # the interests live in the partition's slot, like the window
             return None
 
         def read() -> tuple[np.ndarray, str, float]:
-            got = state.read_interests(look.user_id)
+            got = state.read_interests(int(part), look.user_id)
             if got is None:
-                raise LookupError(f"no interests stored for this user ({state.interests_key(look.user_id)})")
-            return got
+                key = state.interests_key(int(part), look.user_id)
+                raise LookupError(f"no interests stored for this user ({key})")
+            return got[0], got[1], got[2]
 
         got = self._part(look, "redis", read)
         if got is None:

@@ -116,10 +116,11 @@ def latest(replay: Replay, user: str) -> dict[str, Any]:
 
 
 def expected_interests(replay: Replay, user: str) -> int:
+    part = int(latest(replay, user)["click_partition"])
     client = redis_client(replay.settings)
     try:
         got = WindowState(client, replay.settings.clicks_topic, replay.settings.window_len).read_interests(
-            user
+            part, user
         )
     finally:
         client.close()
