@@ -302,14 +302,21 @@ def view_cmd(
         int, typer.Option("--max-in-flight", help="Concurrent requests, then 503.")
     ] = 256,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint", help="Model checkpoint: raw item and side ids on the user page (MIND_CHECKPOINT)."
+        ),
+    ] = None,
     config: Config = None,
     run_dir: RunDir = None,
     bootstrap: Bootstrap = None,
 ) -> None:
-    """Serve GET /users/{id}/candidates from a faust table of the recall topic (foreground; SIGTERM stops)."""
+    """Serve GET /users/{id}/candidates, the user page /users/{id} and /metrics from a faust table of the
+    recall topic (foreground; SIGTERM stops)."""
     from stream.view import run_view  # faust: imported when a view starts
 
-    settings = settings_from(config, run_dir, kafka_bootstrap=bootstrap)
+    settings = settings_from(config, run_dir, kafka_bootstrap=bootstrap, checkpoint=checkpoint)
     if not settings.kafka_bootstrap:
         raise fail("no broker: start one with `mind up`, or pass --bootstrap / MIND_KAFKA_BOOTSTRAP", 3)
     run_view(

@@ -41,7 +41,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_repo" / "python_model.py"
 INPUTS = ("ITEM_IDS", "SIDE_IDS", "PROFILE_IDS")
-OUTPUTS = ("INTERESTS", "ACTIVE", "META")
+OUTPUTS = ("INTERESTS", "ACTIVE", "META", "COUPLING")  # META and COUPLING: only when a client asks
 
 
 class ExportError(RuntimeError):
@@ -76,6 +76,7 @@ def build_config(
     cfg.output.add(name="INTERESTS", data_type=mc.TYPE_FP32, dims=[K, d])
     cfg.output.add(name="ACTIVE", data_type=mc.TYPE_BOOL, dims=[K])
     cfg.output.add(name="META", data_type=mc.TYPE_STRING, dims=[2])  # model_version, vocab_hash; on request
+    cfg.output.add(name="COUPLING", data_type=mc.TYPE_FP32, dims=[max_len, K])  # routing w_ij; on request
     cfg.instance_group.add(kind=mc.ModelInstanceGroup.Kind.Value(instance_kind), count=instance_count)
     cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     if torch_threads > 0:
@@ -239,7 +240,9 @@ def export_user_tower(
     cfg_path = model_dir / "config.pbtxt"
     if cfg_path.exists():
         old = parse_config(cfg_path)
-        if list(old.input) != list(cfg.input) or list(old.output) != list(cfg.output):
+        # a config written before the optional COUPLING output existed is compatible: rewritten with it
+        before_coupling = [t for t in cfg.output if t.name != "COUPLING"]
+        if list(old.input) != list(cfg.input) or list(old.output) not in (list(cfg.output), before_coupling):
             raise ExportError(
                 f"{cfg_path} has other tensor shapes; one Triton config serves all versions, "
                 "so export a tower with new K/d/L/S/P under a new model_name"

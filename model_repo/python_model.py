@@ -11,6 +11,12 @@ input, while the other requests merged into the same dynamic batch are still ans
 Which export answered: Triton's response names the numbered version; the optional output META
 (TYPE_STRING [2] = model_version, vocab_hash) maps it to the export, and is computed only when a client
 asks for it (the 2.51 stub has no response parameters, so an output is the simple in-band way).
+
+Which behaviour fed which interest: the optional output COUPLING (FP32 [L, K]) holds the last routing
+iteration's coupling coefficients w_ij (mind.model.MIND.capsules, the paper's Fig. 5) for the candidate
+view's user page. It is computed only for the requests that ask for it, by a second pass over their
+rows, so the worker's requests (which name their outputs) pay nothing. A tower without `capsules` (not
+MIND) leaves COUPLING out of its answer, and the client says so (stream.tower.TritonTower.coupling).
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class TritonPythonModel:
         self.profile_vocab = (
             np.asarray(m["profile_vocab"], dtype=np.int64) if m.get("profile_vocab") else None
         )
+        self.has_coupling = hasattr(self.model, "capsules")  # scripted MIND keeps it (forward calls it)
         self.meta_row = np.array(
             [str(m["model_version"]).encode(), str(m["vocab_hash"]).encode()], dtype=np.object_
         )
@@ -89,6 +96,7 @@ class TritonPythonModel:
         good: list[int] = []
         batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         want_meta: list[bool] = []
+        want_coupling: list[bool] = []
         for i, req in enumerate(requests):
             items = pb_utils.get_input_tensor_by_name(req, "ITEM_IDS").as_numpy()
             side = pb_utils.get_input_tensor_by_name(req, "SIDE_IDS").as_numpy()
@@ -102,6 +110,7 @@ class TritonPythonModel:
                 good.append(i)
                 batches.append((items, side, prof))
                 want_meta.append("META" in req.requested_output_names())
+                want_coupling.append(self.has_coupling and "COUPLING" in req.requested_output_names())
         if good:
             sizes = [b[0].shape[0] for b in batches]
             cat = [
@@ -119,16 +128,34 @@ class TritonPythonModel:
                     )
                 return responses
             start = 0
-            for i, n, meta in zip(good, sizes, want_meta, strict=True):
+            for i, n, meta, coupling in zip(good, sizes, want_meta, want_coupling, strict=True):
                 outs = [
                     pb_utils.Tensor("INTERESTS", np.ascontiguousarray(interests_np[start : start + n])),
                     pb_utils.Tensor("ACTIVE", np.ascontiguousarray(active_np[start : start + n])),
                 ]
                 if meta:
                     outs.append(pb_utils.Tensor("META", np.tile(self.meta_row, (n, 1))))
+                if coupling:
+                    rows = slice(start, start + n)
+                    try:
+                        w = self._coupling(cat[0][rows], cat[1][rows])
+                    except Exception as exc:  # noqa: BLE001 - this request fails, the others are answered
+                        responses[i] = pb_utils.InferenceResponse(
+                            output_tensors=[],
+                            error=pb_utils.TritonError(f"{self.name} COUPLING failed: {exc}"),
+                        )
+                        start += n
+                        continue
+                    outs.append(pb_utils.Tensor("COUPLING", w))
                 responses[i] = pb_utils.InferenceResponse(output_tensors=outs)
                 start += n
         return responses
+
+    def _coupling(self, items: torch.Tensor, side: torch.Tensor) -> np.ndarray:
+        """Coupling coefficients w [n, L, K] of these rows (padding rows and inactive interests are 0)."""
+        with torch.inference_mode():
+            _, _, w = self.model.capsules(items, side)
+        return np.ascontiguousarray(w.float().cpu().numpy())
 
     def finalize(self) -> None:
         self.model = None

@@ -236,6 +236,40 @@ class TritonTower:
             self._infer_chunk(*zeros, version=v, with_meta=True)
         return self._meta[v]
 
+    def coupling(
+        self, item_ids: np.ndarray, side_ids: np.ndarray, profile_ids: np.ndarray, version: str = ""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+        """Like `infer`, plus the optional COUPLING output: [B,L], [B,L,S], [B,P] -> interests [B,K,d],
+        active [B,K], coupling [B,L,K] (routing's last w_ij: which behaviour fed which interest), served
+        version. For inspection (the candidate view's user page), not the hot path: one request, B at most
+        max_batch_size. A version exported before COUPLING existed, or a tower that is not MIND:
+        TowerError."""
+        arrs = [np.ascontiguousarray(a, dtype=np.int64) for a in (item_ids, side_ids, profile_ids)]
+        if not 0 < arrs[0].shape[0] <= self.max_batch_size:
+            raise TowerError(f"coupling takes 1..{self.max_batch_size} rows, got {arrs[0].shape[0]}")
+        inputs = []
+        for name, arr in zip(("ITEM_IDS", "SIDE_IDS", "PROFILE_IDS"), arrs, strict=True):
+            inp = grpcclient.InferInput(name, list(arr.shape), "INT64")
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        try:
+            res = self.client.infer(
+                self.model_name,
+                inputs,
+                model_version=version,
+                outputs=[grpcclient.InferRequestedOutput(n) for n in ("INTERESTS", "ACTIVE", "COUPLING")],
+                client_timeout=self.timeout_s,
+            )
+        except InferenceServerException as exc:
+            raise self._error(f"infer({self.model_name}, COUPLING)", exc) from None
+        out = [res.as_numpy(n) for n in ("INTERESTS", "ACTIVE", "COUPLING")]
+        if any(o is None for o in out):
+            raise TowerError(
+                f"{self.model_name} on {self.url} did not return COUPLING: a version exported before it "
+                "existed (re-export with `mind export`), or a tower without capsules() (not MIND)"
+            )
+        return out[0], out[1].astype(bool), out[2], res.get_response().model_version
+
     def close(self) -> None:
         self.client.close()
 

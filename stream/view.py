@@ -7,7 +7,33 @@
                                   malformed percent-encoding, not UTF-8), bad n, unknown or repeated query
                                   parameter, query not UTF-8; 413 any request body; 414 URL > 2 KiB;
                                   503 too many requests in flight or table restoring
+    GET /users/{id}            -> the user page (HTML, rendered here): recent behaviours with side ids, each
+                                  active interest with its own top items and the behaviours it gathered
+                                  (coupling heatmap), the merged list with each candidate's interest, the
+                                  model version, freshness; same ids, n and errors (JSON) as the API
+    GET /users/{id}/latest     -> {user_id, click_partition, click_offset, event_id, produced_at, version}:
+                                  which recall message the view holds now; the page polls it every 2 s
+                                  and reloads when `version` changes
+    GET /static/user.css, /static/user.js   the page's stylesheet and script (stream/static/)
+    GET /metrics               -> Prometheus exposition (below)
     GET /healthz               -> {status, ready, users, consumed, invalid, stale, deleted, rejected_requests}
+
+The user page needs more than the recall message: it reads the key-value store (window, interests),
+Milvus (each interest's top items) and Triton (the tower's optional COUPLING output) when it is asked
+for, read-only, and the checkpoint (--checkpoint / MIND_CHECKPOINT) for raw item and side ids. The
+worker publishes nothing extra: stream/inspect.py says why, and what the page shows when a store or the
+checkpoint is missing (the rest, with a note).
+
+Metrics (own registry, served on /metrics of this same loopback bind):
+    mind_view_request_seconds{route,status}    histogram: request latency; its _count is the request rate
+    mind_view_freshness_seconds                histogram: now - produced_at of every answered list (API, page)
+    mind_view_users                            gauge: users in the table
+    mind_view_ready                            gauge: 1 once the table is restored from its changelog
+    mind_view_messages_consumed_total          recall messages read (tombstones included)
+    mind_view_messages_rejected_total{reason}  not stored: invalid (not recall.v1), stale (older than stored)
+    mind_view_users_deleted_total              users forgotten by a tombstone
+    mind_view_page_source_errors_total{source} user-page reads that failed: redis, triton, milvus, checkpoint
+    process_*                                  the view process (CPU, memory, open files)
 
 Every error the app answers is JSON ({"error", "status"}). Requests that aiohttp's HTTP parser refuses
 before any handler runs (raw non-ASCII bytes in the request line, a request line over 4 KiB, a header
@@ -29,7 +55,9 @@ removed). The embedded broker keeps everything in memory: after *its* restart th
 Figures (this project's shared 2-core machine, Tansu, recall messages of 50 candidates): about 1.4k
 messages/s materialised per process (1.6k without schema validation, which is kept: the view serves
 what it validated); first answer about 5 s after start; GET p50 0.17 ms, p99 0.4 ms (keep-alive,
-sequential, about 5k requests/s).
+sequential, about 5k requests/s). The user page's clients (pymilvus, tritonclient, matplotlib) add
+about 1 s and 140 MB to the start; torch, to read the checkpoint, about 1.4 s and 190 MB more when the
+first page is opened. A page takes a few ms per store and 0.3-0.5 s for the heatmap PNG (this 2-core machine).
 
 Faust over Tansu (aiokafka), found by running it:
 - the group join waits about half of the session timeout, and faust's default is 60 s: the app uses
@@ -47,18 +75,31 @@ sharing an id split the partitions between them, and each then answers only for 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import ssl
 import time
 import unicodedata
 import urllib.parse
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from stream.inspect import Inspector
+from stream.page import CSP, heatmap_png, latest, render_user_page, static_files
 from stream.schemas import InvalidEvent, parse_recall
 from stream.settings import Settings, kafka_config
 from stream.topics import ensure_topics
@@ -75,6 +116,48 @@ MAX_PARAMS = 8
 # idle keep-alive for an hour)
 HANDLER_LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 64, "keepalive_timeout": 15.0}
 TABLE = "candidates"
+MAX_PAGES = 4  # user pages gathered at once (each reads three stores on a thread); more: 503
+PAGE_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+_LATENCY_BUCKETS = (
+    0.0002,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# lists of idle users stay in the compacted topic for days: the tail buckets keep them apart
+_FRESHNESS_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    21600.0,
+    86400.0,
+)
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
@@ -163,6 +246,91 @@ class ViewStats:
     rejected_requests: dict[str, int] = field(default_factory=dict)
 
 
+class _TableCollector:
+    """The table's size and the message counters, read from ViewStats at scrape time, so that /metrics
+    and /healthz never disagree."""
+
+    def __init__(self, stats: ViewStats, users: Callable[[], int], ready: Callable[[], bool]) -> None:
+        self.stats, self.users, self.ready = stats, users, ready
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(0, False)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self.users(), self.ready())
+
+    def _families(self, users: int, ready: bool) -> Iterator[Metric]:
+        s = self.stats
+        yield GaugeMetricFamily(
+            "mind_view_users", "Users in the table (the latest recall list of each)", users
+        )
+        yield GaugeMetricFamily(
+            "mind_view_ready", "1 once the table is restored from its changelog", int(ready)
+        )
+        yield CounterMetricFamily(
+            "mind_view_messages_consumed", "Recall messages read (tombstones included)", s.consumed
+        )
+        rejected = CounterMetricFamily(
+            "mind_view_messages_rejected",
+            "Recall messages not stored: invalid (not recall.v1) or stale (older than the stored one)",
+            labels=["reason"],
+        )
+        rejected.add_metric(["invalid"], s.invalid)
+        rejected.add_metric(["stale"], s.stale)
+        yield rejected
+        yield CounterMetricFamily("mind_view_users_deleted", "Users forgotten by a tombstone", s.deleted)
+
+
+class ViewMetrics:
+    """The view's Prometheus metrics, in a registry of its own: a process may build several apps (the
+    tests do), and each app's /metrics reports its own numbers only."""
+
+    def __init__(self, stats: ViewStats, users: Callable[[], int], ready: Callable[[], bool]) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.registry.register(_TableCollector(stats, users, ready))
+        self.requests = Histogram(
+            "mind_view_request_seconds",
+            "HTTP request latency by route (matched pattern, or 'unmatched') and status",
+            ["route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.freshness = Histogram(
+            "mind_view_freshness_seconds",
+            "now - produced_at of each answered list (candidates API and user page)",
+            buckets=_FRESHNESS_BUCKETS,
+            registry=self.registry,
+        )
+        self.page_errors = Counter(
+            "mind_view_page_source_errors",
+            "User-page reads that failed, by source (redis, triton, milvus, checkpoint)",
+            ["source"],
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def route_of(request: Any) -> str:
+    """The route label: the matched pattern (bounded), never the raw path (unbounded, attacker-chosen)."""
+    route = getattr(request.match_info, "route", None)
+    resource = getattr(route, "resource", None)
+    return str(resource.canonical) if resource is not None else "unmatched"
+
+
+def raw_user_id(request: Any, matched: str) -> tuple[str, str | None]:
+    """The user id of /users/{id}[/...] from the raw path (aiohttp keeps undecodable escapes as literal
+    text), checked: (id, None) or ("", why)."""
+    parts = request.rel_url.raw_parts  # ('/', 'users', <raw id>, ...)
+    user_id, why = matched, None
+    if len(parts) >= 3 and parts[1] == "users":
+        user_id, why = decode_segment(parts[2])
+    why = why or check_user_id(user_id)
+    return ("", why) if why else (user_id, None)
+
+
 def faust_credentials(settings: Settings) -> Any:
     """Kafka security settings as faust (aiokafka) credentials; None for PLAINTEXT."""
     import faust
@@ -234,6 +402,11 @@ def create_app(
     n = partitions or recall_partitions(settings)
     stats = ViewStats()
     in_flight = 0
+    # the table and ready() are defined below; the metrics read them only when scraped
+    metrics = ViewMetrics(stats, lambda: len(table), lambda: ready())
+    inspector = Inspector(settings)
+    page_slots = asyncio.Semaphore(MAX_PAGES)
+    files = static_files()
 
     def reject(status: int, error: str, **extra: Any) -> aioweb.Response:
         stats.rejected_requests[str(status)] = stats.rejected_requests.get(str(status), 0) + 1
@@ -242,6 +415,21 @@ def create_app(
             status=status,
             content_type="application/json",
         )
+
+    @aioweb.middleware
+    async def observed(request: aioweb.Request, handler: Any) -> aioweb.StreamResponse:
+        """Every answer counted and timed by route and status (parser 400s never get here)."""
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            resp: aioweb.StreamResponse = await handler(request)
+            status = resp.status
+            return resp
+        except aioweb.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.requests.labels(route_of(request), str(status)).observe(time.perf_counter() - t0)
 
     @aioweb.middleware
     async def limits(request: aioweb.Request, handler: Any) -> aioweb.StreamResponse:
@@ -287,7 +475,7 @@ def create_app(
         web_port=port,
         web_application_options={
             "client_max_size": 1024,
-            "middlewares": [limits],
+            "middlewares": [observed, limits],
             "handler_args": HANDLER_LIMITS,
         },
         web_stats_enabled=False,
@@ -344,27 +532,91 @@ def create_app(
         recovery = getattr(app.tables, "recovery", None)
         return bool(recovery is not None and recovery.completed.is_set())
 
-    @app.page("/users/{user_id}/candidates")
-    async def candidates(web: Any, request: Any, user_id: str) -> Any:
-        parts = request.rel_url.raw_parts  # ('/', 'users', <raw id>, 'candidates')
-        why = None
-        if len(parts) == 4:
-            user_id, why = decode_segment(parts[2])
-        why = why or check_user_id(user_id)
+    def lookup(
+        request: Any, user_id: str, params: frozenset[str]
+    ) -> tuple[dict[str, Any] | None, Any, int | None]:
+        """The stored message of /users/{id}/... and ?n: (msg, None, n), or (None, a JSON error, None)."""
+        user_id, why = raw_user_id(request, user_id)
         if why:
-            return reject(400, why)
-        query, why = parse_query(request.rel_url.raw_query_string, frozenset({"n"}))
+            return None, reject(400, why), None
+        query, why = parse_query(request.rel_url.raw_query_string, params)
         n, why = (None, why) if why else parse_n(query.get("n"))
         if why:
-            return reject(400, why)
+            return None, reject(400, why), None
         msg = table.get(user_id)
         if msg is None:
             if not ready():
                 resp = reject(503, "the view is still restoring its table", user_id=user_id)
                 resp.headers["Retry-After"] = "1"
-                return resp
-            return reject(404, "unknown user", user_id=user_id)
-        return aioweb.Response(body=orjson.dumps(answer(msg, n=n)), content_type="application/json")
+                return None, resp, None
+            return None, reject(404, "unknown user", user_id=user_id), None
+        return msg, None, n
+
+    @app.page("/users/{user_id}/candidates")
+    async def candidates(web: Any, request: Any, user_id: str) -> Any:
+        msg, error, n = lookup(request, user_id, frozenset({"n"}))
+        if msg is None:
+            return error
+        body = answer(msg, n=n)
+        metrics.freshness.observe(max(0.0, body["freshness_s"]))
+        return aioweb.Response(body=orjson.dumps(body), content_type="application/json")
+
+    @app.page("/users/{user_id}/latest")
+    async def latest_message(web: Any, request: Any, user_id: str) -> Any:
+        msg, error, _ = lookup(request, user_id, frozenset())
+        if msg is None:
+            return error
+        resp = aioweb.Response(body=orjson.dumps(latest(msg)), content_type="application/json")
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    def build_page(msg: dict[str, Any], n: int | None) -> str:
+        """Gather from the stores and render (blocking: on a thread)."""
+        look = inspector.look(msg)
+        for source in set(look.errors):
+            metrics.page_errors.labels(source).inc()
+        png = None
+        if look.coupling is not None and look.coupling.size:
+            labels = [b.item_id for b in look.behaviours[len(look.behaviours) - len(look.coupling) :]]
+            try:
+                png = heatmap_png(look.coupling, labels)
+            except Exception as exc:  # noqa: BLE001 - the page still shows everything else
+                look.notes.append(f"the heatmap could not be drawn: {type(exc).__name__}: {exc}")
+        return render_user_page(look, png, n=n)
+
+    @app.page("/users/{user_id}")
+    async def user_page(web: Any, request: Any, user_id: str) -> Any:
+        msg, error, n = lookup(request, user_id, frozenset({"n"}))
+        if msg is None:
+            return error
+        if page_slots.locked():
+            resp = reject(503, f"more than {MAX_PAGES} user pages at once")
+            resp.headers["Retry-After"] = "1"
+            return resp
+        async with page_slots:
+            text = await asyncio.get_running_loop().run_in_executor(None, build_page, dict(msg), n)
+        metrics.freshness.observe(max(0.0, time.time() - float(msg["produced_at"])))
+        return aioweb.Response(text=text, content_type="text/html", charset="utf-8", headers=PAGE_HEADERS)
+
+    @app.page("/static/{name}")
+    async def static(web: Any, request: Any, name: str) -> Any:
+        _, why = parse_query(request.rel_url.raw_query_string, frozenset())
+        if why:
+            return reject(400, why)
+        got = files.get(name)
+        if got is None:
+            return reject(404, "Not Found")
+        body, ctype = got
+        return aioweb.Response(
+            body=body, content_type=ctype, charset="utf-8", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.page("/metrics")
+    async def metrics_page(web: Any, request: Any) -> Any:
+        _, why = parse_query(request.rel_url.raw_query_string, frozenset())
+        if why:
+            return reject(400, why)
+        return aioweb.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
@@ -376,6 +628,8 @@ def create_app(
 
     app.mind_stats = stats  # for tests and embedding programs
     app.mind_table = table
+    app.mind_metrics = metrics
+    app.mind_inspector = inspector
     return app
 
 

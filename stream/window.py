@@ -104,6 +104,7 @@ class Catalog:
     n_profile_fields: int
     vocab_hash: str
     model_version: str = ""
+    side_names: list[str] = field(default_factory=list)  # raw side id of side index s: side_names[s - 1]
 
     def item_index(self, raw_id: str) -> int:
         """Raw item id -> model index; unknown ids -> OOV (see the module docstring)."""
@@ -154,4 +155,5 @@ def load_catalog(path: str | Path) -> Catalog:
         n_profile_fields=int(prof.shape[1]) if prof.ndim == 2 else 1,
         vocab_hash=str(ck.get("vocab_hash", "")),
         model_version=str(ck.get("model_version", "")),
+        side_names=[str(r) for r in ck.get("side_vocab") or []],
     )

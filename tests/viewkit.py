@@ -46,16 +46,20 @@ def running_view(
     work: Path,
     tag: str,
     ready: Callable[[dict[str, Any]], bool],
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
 ) -> Iterator[View]:
     """Produce `msgs` (key, value) to a fresh recall topic, start `mind view` on a free port, wait until
-    `ready(healthz)`; SIGTERM it afterwards."""
+    `ready(healthz)`; SIGTERM it afterwards. `env`: more MIND_* variables (e.g. the stores the user page
+    reads), over the defaults below."""
     topic = f"recall-{tag}"
-    p = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
-    for key, value in msgs:
-        p.produce(topic, value, key)
-    assert p.flush(10) == 0
+    if msgs:
+        p = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+        for key, value in msgs:
+            p.produce(topic, value, key)
+        assert p.flush(10) == 0
     port = free_port()
-    env = {
+    variables = {
         "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
         "MIND_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "MIND_RECALL_TOPIC": topic,
@@ -63,6 +67,7 @@ def running_view(
         "MIND_DLQ_TOPIC": f"dlq-{tag}",
         "MIND_PARTITIONS": "2",
         "MIND_RUN_DIR": str(work / "run"),
+        **(env or {}),
     }
     log = work / "view.log"
     url = f"http://127.0.0.1:{port}"
@@ -70,11 +75,11 @@ def running_view(
         proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "view", "--port", str(port), "--app-id", f"view-{tag}"]
             + ["--log-level", "warning"],
-            env=env,
+            env=variables,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     health: dict[str, Any] = {}
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -88,7 +93,7 @@ def running_view(
         proc.kill()
         pytest.fail(f"view not ready ({health}); log:\n{log.read_text()[-3000:]}")
     try:
-        yield View(url, port, proc, env, log, health)
+        yield View(url, port, proc, variables, log, health)
     finally:
         if proc.poll() is None:
             proc.terminate()

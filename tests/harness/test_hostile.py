@@ -301,7 +301,8 @@ def test_hostile_corpus_through_the_real_worker(
 
 # ---- the candidate view's HTTP API -----------------------------------------------------------------------
 
-VIEW_USERS = ["u0", "u1", "%FF", "a b", "\u00e9t\u00e9", "x" * 128]  # "%FF" literally: only %25FF finds it
+# "%FF" literally: only %25FF finds it; the last one is HTML, which the user page must escape
+VIEW_USERS = ["u0", "u1", "%FF", "a b", "\u00e9t\u00e9", "x" * 128, "<i>x</i>&"]
 
 
 @pytest.fixture(scope="module")
@@ -424,6 +425,58 @@ HOSTILE_REQUESTS: list[tuple[str, bytes, int, str]] = [
         "Method Not Allowed",
     ),
 ]
+# the user page (HTML when found) and its polling endpoint take the same ids and give the same JSON errors
+JSON, HTML = "application/json", "text/html"
+PAGE_REQUESTS: list[tuple[str, bytes, int, str, str]] = [
+    ("page of a known user", get(b"/users/u1"), 200, HTML, ""),
+    ("page, top n", get(b"/users/u1?n=5"), 200, HTML, ""),
+    ("page, literal percent id", get(b"/users/%25FF"), 200, HTML, ""),
+    ("page, unicode id", get(b"/users/%C3%A9t%C3%A9"), 200, HTML, ""),
+    ("page, 128-character id", get(b"/users/" + b"x" * 128), 200, HTML, ""),
+    ("latest of a known user", get(b"/users/u1/latest"), 200, JSON, ""),
+    ("page, unknown user", get(b"/users/nobody"), 404, JSON, "unknown user"),
+    (
+        "page, encoded traversal",
+        get(b"/users/..%2F..%2Fetc%2Fpasswd"),
+        404,
+        JSON,
+        "unknown user",
+    ),
+    ("page, not UTF-8 id", get(b"/users/%FF%FE"), 400, JSON, "not valid UTF-8"),
+    ("page, surrogate id", get(b"/users/%ED%A0%80"), 400, JSON, "not valid UTF-8"),
+    ("page, malformed escape", get(b"/users/a%ZZ"), 400, JSON, "malformed percent-encoding"),
+    ("page, NUL in id", get(b"/users/a%00b"), 400, JSON, "control character"),
+    ("page, 129-character id", get(b"/users/" + b"x" * 129), 400, JSON, "longer than 128"),
+    ("page, n zero", get(b"/users/u1?n=0"), 400, JSON, "n must be"),
+    (
+        "page, unknown parameter",
+        get(b"/users/u1?debug=1"),
+        400,
+        JSON,
+        "unknown query parameter",
+    ),
+    ("page, URL over 2 KiB", get(b"/users/" + b"x" * 3000), 414, JSON, "URL longer"),
+    (
+        "page, GET with a body",
+        get(b"/users/u1", b"Content-Length: 5000\r\n") + b"x" * 5000,
+        413,
+        JSON,
+        "no request body",
+    ),
+    (
+        "page, POST",
+        b"POST /users/u1 HTTP/1.1\r\nHost: v\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        405,
+        JSON,
+        "Method Not Allowed",
+    ),
+    ("latest, unknown user", get(b"/users/nobody/latest"), 404, JSON, "unknown user"),
+    ("latest, a parameter", get(b"/users/u1/latest?n=1"), 400, JSON, "unknown query parameter"),
+    ("latest, NUL in id", get(b"/users/a%00b/latest"), 400, JSON, "control character"),
+    ("static, unknown file", get(b"/static/..%2F..%2Fview.py"), 404, JSON, "Not Found"),
+    ("static, traversal", get(b"/static/../view.py"), 404, JSON, "Not Found"),
+    ("metrics with a parameter", get(b"/metrics?x=1"), 400, JSON, "unknown query parameter"),
+]
 # refused by aiohttp's HTTP parser before any handler: a plain-text 400 (stream/view.py says so)
 PARSER_REQUESTS: list[tuple[str, bytes]] = [
     ("raw non-ASCII bytes in the path", get(b"/users/\xff\xfe/candidates")),
@@ -454,6 +507,48 @@ def test_view_answers_hostile_requests_with_json_4xx(view: dict[str, Any]) -> No
     assert status == 200 and health["users"] == len(VIEW_USERS)
     assert view["proc"].poll() is None  # still serving
     assert health["rejected_requests"]["400"] >= sum(w == 400 for _, _, w, _ in HOSTILE_REQUESTS)
+
+
+@pytest.mark.slow
+def test_user_page_answers_hostile_requests_like_the_api(view: dict[str, Any]) -> None:
+    """The page of a stored user renders (HTML, with its CSP; this view has no stores configured, so it
+    says what is missing); every refusal is the API's JSON error."""
+    port = view["port"]
+    for name, raw, want, ctype_want, error in PAGE_REQUESTS:
+        status, body, ctype = request(port, raw)
+        assert status == want and ctype.startswith(ctype_want), (name, status, ctype, body)
+        if want >= 400:
+            assert body["status"] == want and error in body["error"], (name, body)
+    status, page, _ = request(port, get(b"/users/%3Ci%3Ex%3C%2Fi%3E%26"))  # a stored id that is HTML
+    assert status == 200 and "&lt;i&gt;x&lt;/i&gt;&amp;" in page and "<i>x</i>" not in page
+    status, page, _ = request(port, get(b"/users/a%20b"))
+    assert status == 200 and '<code id="user-id">a b</code>' in page and "MIND_REDIS_URL" in page
+    assert page.count('class="candidate"') == 30
+    status, latest, _ = request(port, get(b"/users/%C3%A9t%C3%A9/latest"))
+    assert status == 200 and latest["user_id"] == "\u00e9t\u00e9" and latest["event_id"] == "e4"
+    assert view["proc"].poll() is None
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    user=st.binary(max_size=160) | st.text(max_size=140).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    suffix=st.sampled_from([b"", b"/latest"]),
+    params=st.lists(st.tuples(st.text(max_size=8), st.text(max_size=12)), max_size=4),
+)
+def test_user_page_fuzzed_ids_never_5xx(
+    view: dict[str, Any], user: bytes, suffix: bytes, params: list[tuple[str, str]]
+) -> None:
+    """Any id on the page and its polling route: HTML or JSON 200 only for a stored user, else a JSON 4xx."""
+    path = b"/users/" + urllib.parse.quote_from_bytes(user, safe="").encode() + suffix
+    query = urllib.parse.urlencode(params).encode()
+    status, body, ctype = request(view["port"], get(path + (b"?" + query if query else b"")))
+    assert status < 500, (user, suffix, params, status, body)
+    if status == 200:
+        assert user.decode() in VIEW_USERS
+        assert ctype.startswith("text/html" if suffix == b"" else "application/json")
+    else:
+        assert ctype.startswith("application/json") and status in (400, 404, 414) and body["error"], body
 
 
 @pytest.mark.slow

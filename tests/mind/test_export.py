@@ -31,6 +31,7 @@ def test_layout_config_and_meta(tmp_path):
         ("INTERESTS", [K, D]),
         ("ACTIVE", [K]),
         ("META", [2]),
+        ("COUPLING", [L, K]),
     ]
     assert cfg.version_policy.latest.num_versions == 1
     assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
@@ -60,6 +61,23 @@ def test_export_refuses_shape_change_and_bad_metadata(tmp_path):
     with pytest.raises(ExportError, match="side_vocab"):
         export(ToyTower(0), tmp_path, "other", "o-1", side_vocab=[7])
     assert list_versions(tmp_path, "m") == [1] and list_versions(tmp_path, "other") == []
+
+
+def test_a_config_from_before_coupling_is_rewritten_with_it(tmp_path):
+    """COUPLING is an optional output added later: a repository exported before it takes the next version
+    and its config gains the output; other output changes are still refused."""
+    export(ToyTower(0), tmp_path, "m", "m-1")
+    path = tmp_path / "m" / "config.pbtxt"
+    old = parse_config(path)
+    del old.output[-1]  # as written before COUPLING existed
+    path.write_text(text_format.MessageToString(old))
+    assert export(ToyTower(1), tmp_path, "m", "m-2") == 2
+    assert [t.name for t in parse_config(path).output] == ["INTERESTS", "ACTIVE", "META", "COUPLING"]
+    old = parse_config(path)
+    del old.output[2]  # META missing: not an older export, another layout
+    path.write_text(text_format.MessageToString(old))
+    with pytest.raises(ExportError, match="new model_name"):
+        export(ToyTower(2), tmp_path, "m", "m-3")
 
 
 EDGES = {

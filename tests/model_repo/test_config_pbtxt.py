@@ -69,6 +69,7 @@ def test_exported_config_parses_with_tritons_schema(tmp_path: Path, checkpoint: 
         ("INTERESTS", mc.TYPE_FP32, [cfg.K, cfg.d]),
         ("ACTIVE", mc.TYPE_BOOL, [cfg.K]),
         ("META", mc.TYPE_STRING, [2]),
+        ("COUPLING", mc.TYPE_FP32, [L, cfg.K]),
     ]
     assert config.parameters["torch_threads"].string_value == "1"  # `mind export`'s default
     assert sorted(p.name for p in (tmp_path / MODEL).iterdir()) == ["1", "config.pbtxt"]

@@ -7,8 +7,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
-from towerkit import N_ITEMS, L, ToyTower, export, random_batch, torch_out
+from towerkit import N_ITEMS, K, L, ToyTower, export, random_batch, torch_out
 from tritonclient.utils import InferenceServerException
 from waiting import until
 
@@ -106,6 +107,41 @@ def test_adapter_errors_say_what_to_do(triton):
     assert not down.ready()
     with pytest.raises(TowerError, match="is Triton running at .* `mind up`"):
         down.infer(items, side, prof)
+
+
+def test_coupling_is_an_optional_output(triton):
+    """COUPLING (routing's w_ij) equals the eager MIND's; a request that names its outputs without it (as
+    `infer` does) does not get it; a tower without capsules() (toy) leaves it out."""
+    url = triton.server.grpc_url
+    batch = random_batch(5, seed=11, lengths=[0, 1, 3, 7, L])
+    mind = TritonTower(url, "mind")
+    interests, active, w, served = mind.coupling(*batch)
+    with torch.inference_mode():
+        _, ref_active, ref_w = triton.towers["mind"].capsules(*(torch.from_numpy(x) for x in batch[:2]))
+    assert w.shape == (5, L, K) and served == "1"
+    np.testing.assert_allclose(w, ref_w.numpy(), atol=1e-5)
+    assert np.array_equal(active, ref_active.numpy())
+    np.testing.assert_allclose(interests, torch_out(triton.towers["mind"], batch)[0], atol=1e-5)
+    # each real behaviour's weights sum to 1 over the active interests; padding rows are 0
+    lengths = (batch[0] > 0).sum(1)
+    for r, n in enumerate(lengths):
+        np.testing.assert_allclose(w[r, :n].sum(1), 1.0, atol=1e-5)
+        assert not w[r, n:].any()
+    wanted = [grpcclient.InferRequestedOutput(n) for n in ("INTERESTS", "ACTIVE")]
+    plain = mind.client.infer("mind", _inputs(batch), outputs=wanted)
+    assert plain.as_numpy("COUPLING") is None and plain.as_numpy("ACTIVE") is not None
+    with pytest.raises(TowerError, match="capsules"):
+        TritonTower(url, "toy").coupling(*batch)
+    assert TritonTower(url, "toy").infer(*batch)[2] == "1"
+
+
+def _inputs(batch: tuple[np.ndarray, ...]) -> list[grpcclient.InferInput]:
+    out = []
+    for name, arr in zip(("ITEM_IDS", "SIDE_IDS", "PROFILE_IDS"), batch, strict=True):
+        inp = grpcclient.InferInput(name, list(arr.shape), "INT64")
+        inp.set_data_from_numpy(arr)
+        out.append(inp)
+    return out
 
 
 def test_new_version_loads_while_requests_flow(triton):

@@ -1,5 +1,7 @@
 """The candidate view (`mind view`, faust over a real Tansu broker) in its own process: the latest list per
-user, 404 / 400 / 414 as JSON, stale and invalid messages never served, `mind candidates`, SIGTERM."""
+user, 404 / 400 / 414 as JSON, stale and invalid messages never served, `mind candidates`, /metrics, the
+user page without any store configured, SIGTERM. The user page over a live replay, in a real browser:
+test_user_page.py."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from viewkit import running_view
 
 from stream.schemas import dump_recall
@@ -132,6 +135,66 @@ def test_mind_candidates(view: dict[str, Any]) -> None:
         [*MIND, "candidates", "ghost", "--url", url], env=env, capture_output=True, text=True, timeout=30
     )
     assert missing.returncode == 4 and "unknown user" in missing.stderr
+
+
+def _text(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def test_metrics(view: dict[str, Any]) -> None:
+    """/metrics on the view's own bind: the table, the messages and the requests the tests made."""
+    url = view["url"]
+    assert _get(f"{url}/users/u5/candidates")[0] == 200
+    assert _get(f"{url}/users/ghost/candidates")[0] == 404
+    status, ctype, text = _text(f"{url}/metrics")
+    assert status == 200 and ctype.startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert samples[("mind_view_users", ())] == 21
+    assert samples[("mind_view_messages_consumed_total", ())] == 67
+    assert samples[("mind_view_messages_rejected_total", (("reason", "invalid"),))] == 1
+    assert samples[("mind_view_messages_rejected_total", (("reason", "stale"),))] == 2
+    assert samples[("mind_view_users_deleted_total", ())] == 1
+    ok = (("route", "/users/{user_id}/candidates"), ("status", "200"))
+    assert samples[("mind_view_request_seconds_count", ok)] >= 1
+    assert samples[("mind_view_request_seconds_count", (ok[0], ("status", "404")))] >= 1
+    assert samples[("mind_view_freshness_seconds_count", ())] >= 1
+    assert all(dict(k[1]).get("route") != "/users/ghost/candidates" for k in samples)  # patterns only
+    assert _text(f"{url}/metrics?x=1")[0] == 400
+
+
+def test_user_page_without_stores(view: dict[str, Any]) -> None:
+    """No store address and no checkpoint: the page shows the message's list and says what is missing."""
+    url = view["url"]
+    status, ctype, page = _text(f"{url}/users/u7")
+    assert status == 200 and ctype.startswith("text/html")
+    assert page.count('class="candidate"') == 5 and "i7-2-0" in page and ">m-1<" in page
+    for missing in ("MIND_CHECKPOINT", "click_partition"):
+        assert missing in page
+    assert 'id="heatmap"' not in page and 'class="interest-panel' not in page
+    status, _, page = _text(f"{url}/users/u%2F1")
+    assert status == 200 and '<code id="user-id">u/1</code>' in page
+    assert _get(f"{url}/users/nobody")[0] == 404
+    assert _get(f"{url}/users/u7/latest") == (
+        200,
+        {
+            "user_id": "u7",
+            "click_partition": None,
+            "click_offset": None,
+            "event_id": "e7-2",
+            "produced_at": pytest.approx(view["now"] + 2),
+            "version": _get(f"{url}/users/u7/latest")[1]["version"],
+        },
+    )
+    status, body = _get(f"{url}/users/oo/latest")
+    assert status == 200 and (body["click_partition"], body["click_offset"]) == (1, 11)
 
 
 def test_sigterm_stops_gracefully(view: dict[str, Any]) -> None:
