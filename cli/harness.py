@@ -81,8 +81,28 @@ def bench_serving(
     recall_queries: Annotated[int, typer.Option(min=1, help="Active interests per recall step.")] = 256,
     recall_reps: Annotated[int, typer.Option(min=1, help="Timed recall steps.")] = 100,
     items: Annotated[int, typer.Option(min=3, help="Catalogue size of the random-init model.")] = 12_103,
+    catalogue_sizes: Annotated[
+        str | None,
+        typer.Option(
+            "--catalogue-sizes",
+            help="Instead: Milvus cost against catalogue size (e.g. 12k,100k,1M), FLAT and IVF_FLAT beside "
+            "exact top-N, on synthetic clustered item vectors; writes benchmarks/catalogue.json by default.",
+        ),
+    ] = None,
 ) -> None:
     """Triton tower and Milvus search beside in-process torch, same run; writes JSON and a PNG."""
+    if catalogue_sizes is not None:
+        with harness_extra():
+            from harness import bench_catalogue
+        try:
+            sizes_ = bench_catalogue.parse_sizes(catalogue_sizes)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--catalogue-sizes") from None
+        target = out if out != Path("benchmarks/serving.json") else Path("benchmarks/catalogue.json")
+        res = bench_catalogue.run(target, sizes_, log=lambda m: typer.echo(m, err=True))
+        typer.echo(bench_catalogue.table(res))
+        typer.echo(f"\nwrote {target} and {target.with_suffix('.png')}")
+        return
     with harness_extra():
         from harness.bench_serving import BenchSizes, run, table
     sizes = BenchSizes(

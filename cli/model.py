@@ -274,6 +274,14 @@ def index_cmd(
     drop_grace: Annotated[
         float, typer.Option(envvar="MIND_DROP_GRACE_S", help="Drop versions retired longer ago (s).")
     ] = 600.0,
+    index_type: Annotated[
+        str | None,
+        typer.Option(
+            "--index-type",
+            envvar="MIND_INDEX_TYPE",
+            help="FLAT, IVF_FLAT, ...; default: chosen by catalogue size (FLAT below 100k items).",
+        ),
+    ] = None,
 ) -> None:
     """Embed the whole catalogue with the checkpoint's model and index it as its exported version."""
 
@@ -297,6 +305,7 @@ def index_cmd(
             model_name=model_name,
             prefix=prefix,
             token=os.environ.get("MIND_MILVUS_TOKEN"),
+            index_type=index_type,
         )
     except (ServingError, IndexUnavailable, VersionMismatch, InvalidQuery, FileNotFoundError) as exc:
         raise fail(exc) from None
