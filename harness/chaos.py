@@ -42,6 +42,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -49,16 +51,22 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import orjson
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 from harness.hostile import hostile_corpus
+from harness.load import WorkerProc, spawn_worker
+from harness.proxy import Proxy
 from harness.soak import backpressure, soak
 from indexer.store import normalize_version
 from mind.experiment import machine, run_offline, write_json
 from mind.synthetic import generate
 from mind.train import TrainConfig
+from stream.embedded.process import free_port
 from stream.embedded.stack import (
     SERVICES,
     Stack,
@@ -70,6 +78,8 @@ from stream.embedded.stack import (
 from stream.schemas import Click, dump_click
 from stream.settings import Settings, kafka_config, redis_client
 from stream.state import WindowState
+from stream.topics import ensure_topics
+from stream.view import order_key
 from stream.window import load_catalog
 from workflows.roll import roll
 from workflows.serving import export_checkpoint, index_checkpoint
@@ -96,7 +106,15 @@ HOOK_POINTS = (
 
 
 # the checks a run must pass: each counts clicks (or messages, or exits) that went wrong
-FAILURE_FIELDS = ("lost", "applied_twice", "missing_recall", "mixed_versions", "worker_crashes")
+FAILURE_FIELDS = (
+    "lost",
+    "applied_twice",
+    "missing_recall",
+    "mixed_versions",
+    "worker_crashes",
+    "stale_overwrites",
+    "duplicate_events_applied",
+)
 
 
 @dataclass
@@ -131,6 +149,12 @@ class Plan:
     recover_timeout_s: float = 120.0
     stall_s: float = 20.0  # a worker without partitions this long after a revocation is restarted
     backpressure: dict[str, float] = field(default_factory=dict)  # harness.soak.backpressure arguments
+    slow_s: float = 8.0  # each dependency 50-200 ms slower per chunk, through its proxy
+    slow_ms: tuple[float, float] = (50.0, 200.0)
+    drop_s: float = 4.0  # each dependency's connections dropped and refused
+    zombie_stages: tuple[str, ...] = ("window", "kv_write", "produce")  # one SIGSTOP pause each
+    duplicates: int = 1500  # delivered clicks published again (a retrying producer)
+    stall_batches: int = 4000  # one-message record batches that make the embedded broker stall (1 ms wait)
 
     @classmethod
     def quick(cls) -> Plan:
@@ -155,6 +179,11 @@ class Plan:
             recover_timeout_s=60.0,
             stall_s=12.0,
             backpressure={"offered_cps": 200.0, "fast_s": 3.0, "slow_s": 8.0, "recover_s": 3.0},
+            slow_s=3.0,
+            drop_s=2.0,
+            zombie_stages=("kv_write",),
+            duplicates=1000,
+            stall_batches=3000,
         )
 
 
@@ -171,7 +200,7 @@ class Sent:
     user: str | None  # the window it enters (None: it must not enter any)
     pos: int  # position in a chaos user's sequence; -1 for other messages
     item: int  # model index expected in the window; -1 when none
-    expect: str = "click"  # click | dlq | handled
+    expect: str = "click"  # click | dlq | handled | duplicate (a re-sent click: must not enter again)
     reason: str = ""  # for dlq: the expected error code
     chaos: bool = True  # one of the replay's own clicks (the recall coverage is checked for those)
     partition: int = -1
@@ -251,6 +280,7 @@ def lcs_matched(want: list[int], have: list[int]) -> set[int]:
 class WindowCheck:
     lost: list[Sent] = field(default_factory=list)
     applied_twice: int = 0
+    extra: dict[tuple[int, str], int] = field(default_factory=dict)  # window -> items beyond the truth
     windows: int = 0
     differing: list[dict[str, Any]] = field(default_factory=list)  # a sample, for the report
 
@@ -273,6 +303,8 @@ def check_windows(client: Any, topic: str, truth: Truth, *, prefix: str = "mind"
             lost = [s for i, s in enumerate(exp) if i not in matched]
             res.lost.extend(lost)
             res.applied_twice += len(have) - len(matched)
+            if len(have) > len(matched):
+                res.extra[key] = len(have) - len(matched)
             if len(res.differing) < 20:
                 res.differing.append(
                     {
@@ -337,6 +369,7 @@ class RecallReader:
         self.events: dict[str, int] = {}  # triggering event id -> recall messages seen
         self.dlq: list[dict[str, Any]] = []
         self.covered: dict[str, int] = {}  # user -> highest seq of a message that triggered a recall
+        self.order: dict[str, list[tuple[int, float, float]]] = {}  # user -> order keys, in arrival order
         self.other = 0  # recall messages whose triggering event the publisher did not send
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -381,6 +414,8 @@ class RecallReader:
                         continue
                     r = orjson.loads(m.value())
                     eid = str(r.get("event_id", ""))
+                    with contextlib.suppress(KeyError, TypeError, ValueError):
+                        self.order.setdefault(str(r["user_id"]), []).append(order_key(r))
                     self.events[eid] = self.events.get(eid, 0) + 1
                     sent = self.resolve(eid, now)
                     if sent is None or sent.user != r.get("user_id"):
@@ -465,6 +500,8 @@ class Publisher:
         self.user_seqs: dict[str, list[int]] = {}  # replay user -> seqs of its clicks
         self.hostile: deque[Hostile] = deque()
         self.hostile_per_click = 1
+        self.recent: deque[tuple[bytes, bytes, Sent]] = deque(maxlen=5000)  # (key, value, sent) of clicks
+        self._resend: deque[tuple[bytes, bytes, Sent]] = deque()
         self.errors: list[str] = []
         self._producer: Any = None
         self._stop = threading.Event()
@@ -516,10 +553,31 @@ class Publisher:
         self.by_event[eid] = [sent]  # known before it is sent: the reader may see its recall at once
         self.user_seqs.setdefault(uid, []).append(sent.seq)
         self._produce(uid.encode(), value, sent)
+        self.recent.append((uid.encode(), value, sent))
         user[2] = pos + 1
         if pos + 1 >= USER_CAP:
             self.retired[uid] = pos + 1
             self.pool[i] = self._new_user()
+
+    def resend(self, n: int) -> int:
+        """Publish the last n delivered clicks again, byte for byte, as a producer that retried without
+        idempotence would: same key, same event id, new offsets. Returns how many were queued."""
+        picked = [r for r in list(self.recent) if r[2].partition >= 0][-n:]
+        self._resend.extend(picked)
+        return len(picked)
+
+    def _again(self, key: bytes, value: bytes, first: Sent) -> None:
+        sent = self.truth.add(
+            t=time.time(),
+            epoch=self.epoch,
+            user=first.user,
+            pos=-1,
+            item=first.item,
+            expect="duplicate",
+            chaos=False,
+            event=first.event,
+        )
+        self._produce(key, value, sent)
 
     def _bad(self, h: Hostile) -> None:
         sent = self.truth.add(
@@ -558,6 +616,8 @@ class Publisher:
                     if not self.hostile:
                         break
                     self._bad(self.hostile.popleft())
+                for _ in range(min(len(self._resend), 20)):  # re-sent clicks, interleaved with new ones
+                    self._again(*self._resend.popleft())
                 self._producer.poll(0)
         except Exception as exc:  # noqa: BLE001 - reported; the checks then show what was not sent
             self.errors.append(repr(exc))
@@ -630,12 +690,18 @@ class Workers:
         self.crashes: list[dict[str, Any]] = []
         self.hook_deaths: dict[str, int] = {}
 
-    def spawn(self, hook: str | None = None) -> Proc:
+    def spawn(self, hook: str | None = None, stop_at: str | None = None) -> Proc:
+        """A worker process; `hook` kills it at a stage point, `stop_at` freezes it there (a zombie)."""
         wid = len(self.procs)
         log = self.log_dir / f"worker-{wid}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("MIND_")}  # the config file rules
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        entry = ["-m", "harness.faulty_worker", "--kill-at", hook] if hook else ["-m", "stream.worker"]
+        if hook:
+            entry = ["-m", "harness.faulty_worker", "--kill-at", hook]
+        elif stop_at:
+            entry = ["-m", "harness.faulty_worker", "--stop-at", stop_at]
+        else:
+            entry = ["-m", "stream.worker"]
         with open(log, "wb") as f:
             popen = subprocess.Popen(
                 [sys.executable, *entry, "--config", str(self.config)]
@@ -807,10 +873,26 @@ class Chaos:
         self._watch_at = 0.0
         self.final_committed: dict[int, int] = {}
         self.extra: dict[str, Any] = {}
-        config = run_dir / "worker.json"
-        config.write_bytes(
-            orjson.dumps(worker_config(settings, plan, checkpoint), option=orjson.OPT_INDENT_2)
+        self.zombies: list[dict[str, Any]] = []
+        # the workers reach Triton, Milvus and the key-value store through proxies, which can slow them
+        # down or drop their connections; everything else (checks, the roll) talks to the servers
+        self.proxies = {
+            name: Proxy(*_host_port(url), seed=seed).start()
+            for name, url in (
+                ("triton", settings.triton_url),
+                ("milvus", settings.milvus_uri),
+                ("redis", settings.redis_url),
+            )
+        }
+        via = settings.model_copy(
+            update={
+                "triton_url": self.proxies["triton"].address,
+                "milvus_uri": f"http://{self.proxies['milvus'].address}",
+                "redis_url": f"redis://{self.proxies['redis'].address}/0",
+            }
         )
+        config = run_dir / "worker.json"
+        config.write_bytes(orjson.dumps(worker_config(via, plan, checkpoint), option=orjson.OPT_INDENT_2))
         log_dir = run_dir / "workers"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.workers = Workers(config, checkpoint, log_dir)
@@ -1002,6 +1084,153 @@ class Chaos:
             self.outages[name] = res
             self._sleep(self.plan.settle_s)
 
+    def slow_dependency(self, name: str) -> None:
+        """The dependency's proxy first holds every chunk 50-200 ms (slow_s), then drops every connection
+        and refuses new ones (drop_s); each is an entry under `outages` with latency, recovery and loss."""
+        px = self.proxies[name]
+        lo, hi = self.plan.slow_ms
+        with self.phase(f"outage slow {name}") as ph:
+            self._wait(self._all_ready, 60, f"workers before {name} slows down")
+            crashes = len(self.workers.crashes)
+            t0 = time.time()
+            px.slow(lo, hi)
+            self._sleep(self.plan.slow_s)
+            px.heal()
+            res = self._outage_result(f"slow {name}", t0, time.time(), ph)
+            res.update(fault=f"{lo:g}-{hi:g} ms per chunk, each direction", worker_crashes=0)
+            res["worker_crashes"] = len(self.workers.crashes) - crashes
+            self.outages[f"slow {name}"] = res
+            self._sleep(self.plan.settle_s)
+        with self.phase(f"outage dropped {name}") as ph:
+            self._wait(self._all_ready, 60, f"workers before {name}'s connections drop")
+            crashes = len(self.workers.crashes)
+            t0 = time.time()
+            px.drop(self.plan.drop_s)
+            self._sleep(self.plan.drop_s)
+            px.heal()
+            res = self._outage_result(f"dropped {name}", t0, time.time(), ph)
+            res.update(fault="connections closed and refused", refused=px.refused)
+            res["worker_crashes"] = len(self.workers.crashes) - crashes
+            self.outages[f"dropped {name}"] = res
+            self._sleep(self.plan.settle_s)
+
+    def zombie(self) -> None:
+        """A worker frozen mid-batch (SIGSTOP at a stage) for longer than the session timeout: the group
+        moves its partitions to the others, which process newer clicks; then it wakes up (SIGCONT) and
+        finishes its stale batch. Its late writes must not overwrite anything: checked in `report`."""
+        session_s = self.plan.session_timeout_ms / 1000
+        with self.phase("zombie") as ph:
+            for stage in self.plan.zombie_stages:
+                self._wait(self._all_ready, 60, "workers before a zombie")
+                self.target += 1  # the zombie is one more member
+                p = self.workers.spawn(stop_at=f"{stage}:{int(self.rng.integers(1, 4))}")
+                frozen = self._wait(lambda p=p: _stopped(p.popen.pid), 90, f"a zombie to freeze at {stage}")
+                t_stop = time.time()
+                entry: dict[str, Any] = {"stage": stage, "froze": frozen}
+                if frozen:
+                    # the others hold every partition again, then answer clicks newer than the freeze
+                    others = [w for w in self.workers.alive() if w is not p]
+                    took_over = self._wait(
+                        lambda o=others, t=t_stop: all(
+                            self.workers.group_state(w)[0] == "partitions assigned"
+                            and self.workers.group_state(w)[1] > t
+                            for w in o
+                        ),
+                        max(30.0, 10 * session_s),
+                        "the group to move the zombie's partitions",
+                    )
+                    self._wait(
+                        lambda t=t_stop + session_s: self.reader.since(t) > 0,
+                        60,
+                        "recall messages of the new owners",
+                    )
+                    self._sleep(max(0.0, session_s + 1.0 - (time.time() - t_stop)))
+                    paused = time.time() - t_stop
+                    os.kill(p.popen.pid, signal.SIGCONT)
+                    entry.update(paused_s=round(paused, 2), partitions_moved=took_over)
+                    self._sleep(self.plan.settle_s)  # it finishes its stale batch, is refused, rejoins
+                self.workers.term(p)
+                self.target -= 1
+                self.zombies.append(entry)
+                self._wait(self._all_ready, 60, "workers after a zombie")
+            ph.info = {"pauses": self.zombies}
+
+    def duplicate_events(self) -> None:
+        """A producer that retried without idempotence: already-delivered clicks published again, byte for
+        byte, at new offsets. Each event must stay in its window once (checked in `report`)."""
+        with self.phase("duplicate events") as ph:
+            self._wait(self._all_ready, 60, "workers before the duplicates")
+            n = self.publisher.resend(self.plan.duplicates)
+            self._wait(lambda: not self.publisher._resend, 120, "the duplicates to be published")
+            self._sleep(self.plan.settle_s)
+            ph.info = {"resent": n}
+            self.extra["duplicates"] = n
+
+    def broker_stall(self) -> None:
+        """The embedded Tansu stops serving a partition whose record batches take longer to list than the
+        fetch wait (about 22k at 10 ms). A worker of its own, on a topic of its own with a 1 ms fetch wait,
+        is driven into it: its /readyz must fail with the reason, and the stall be counted."""
+        s = self.settings
+        with self.phase("broker stall") as ph:
+            tag = f"{self.tag}-stall"
+            ws = s.model_copy(
+                update={
+                    "clicks_topic": f"{tag}-clicks",
+                    "recall_topic": f"{tag}-recall",
+                    "dlq_topic": f"{tag}-dlq",
+                    "group_id": tag,
+                    "partitions": 1,
+                    "fetch_wait_max_ms": 1,
+                    "fetch_stall_s": 3.0,
+                    "metrics_port": free_port(),
+                    "window_len": WINDOW_LEN,
+                    "log_json": True,
+                }
+            )
+            ensure_topics(AdminClient(kafka_config(ws, "admin")), ws)
+            producer = Producer(kafka_config(ws, "producer", **{"linger.ms": 0}))
+            users = [u for u, *_ in self.publisher.pool[:20]]
+            item = self.catalog.raw_item(2)
+            t0 = time.time()
+            for k in range(self.plan.stall_batches):
+                c = Click(f"{tag}-{k}", users[k % len(users)], item, time.time())
+                producer.produce(ws.clicks_topic, dump_click(c), c.user_id.encode())
+                producer.flush(10)  # one record batch per click
+            t_filled = time.time()
+            proc: WorkerProc = spawn_worker(self.checkpoint)(
+                ws, self.run_dir / "workers" / "stall-worker.log"
+            )
+            ready: dict[str, Any] = {}
+
+            def stalled() -> bool:
+                nonlocal ready
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics_port}/readyz", timeout=2):
+                        return False
+                except urllib.error.HTTPError as exc:
+                    ready = orjson.loads(exc.read())
+                    return bool(ready.get("checks", {}).get("stalled"))
+                except OSError:
+                    return False
+
+            seen = self._wait(stalled, 120, "the stall worker's /readyz to report the stalled partition")
+            t_seen = time.time()
+            metrics_now = proc.scrape()
+            proc.stop()
+            res = {
+                "batches": self.plan.stall_batches,
+                "fetch_wait_max_ms": 1,
+                "fill_s": round(t_filled - t0, 2),
+                "detected": seen,
+                "detected_after_s": round(t_seen - t_filled, 2) if seen else None,
+                "readyz": ready.get("checks", {}).get("stalled"),
+                "stalls_counted": metrics_now.get("mind_worker_partition_stalls_total"),
+                "clicks_waiting_in_the_log": self.plan.stall_batches,
+                "lost": 0,  # nothing is lost: the clicks stay in the log, the worker waits and says so
+            }
+            self.outages["broker stall"] = res
+            ph.info = res
+
     def broker_restart(self) -> None:
         """The broker killed mid-stream and started again, with the runbook memory storage forces:
         workers stopped (kill -9), state offsets read (clicks above them never applied: lost with the
@@ -1190,6 +1419,7 @@ class Chaos:
         client = redis_client(s)
         try:
             win = check_windows(client, s.clicks_topic, self.truth)
+            stale = self._stale(WindowState(client, s.clicks_topic, WINDOW_LEN))
         finally:
             client.close()
         delivered = self.truth.delivered()
@@ -1220,6 +1450,8 @@ class Chaos:
         part_of = {x.user: x.partition for x in chaos}
         for name, o in self.outages.items():
             o["lost"] = o.get("lost", 0) + lost_by.get(f"outage {name}", 0)
+            if "_t" not in o:  # the broker stall: a worker of its own, nothing to time here
+                continue
             t_down, t_back = o.pop("_t")
             # recovery: every partition answers again (each worker's clients reconnected), not only one
             first: dict[int, float] = {}
@@ -1232,6 +1464,11 @@ class Chaos:
             backlog = [covers[x.seq] for x in chaos if t_down <= x.t <= t_back and x.seq in covers]
             o["catch_up_s"] = round(max(backlog) - t_back, 2) if backlog else None
             o["backlog_clicks"] = len(backlog)  # published while it was down: answered during catch-up
+            during = np.asarray(
+                [covers[x.seq] - x.t for x in chaos if t_down <= x.t <= t_back and x.seq in covers]
+            )
+            o["p50_ms"] = round(float(np.percentile(during, 50)) * 1e3, 1) if len(during) else None
+            o["p99_ms"] = round(float(np.percentile(during, 99)) * 1e3, 1) if len(during) else None
         if "broker_stored" in self.extra and "kafka" in self.outages:
             # what the runbook's offset reset saved: clicks of the new log at offsets the state had
             # already passed in the old one, which the window script would have skipped as re-deliveries
@@ -1240,6 +1477,8 @@ class Chaos:
                 1 for x in delivered if x.epoch == epoch and x.item >= 0 and x.offset <= stored[x.partition]
             )
         latency = np.asarray([covers[x.seq] - x.t for x in chaos if x.seq in covers]) * 1e3
+        dup_users = {(x.partition, x.user) for x in delivered if x.expect == "duplicate"}
+        dup_applied = sum(n for key, n in win.extra.items() if key in dup_users)
         bad = self._bad_inputs()
         out: dict[str, Any] = {
             "kills": sum(self.kills.values()),
@@ -1250,6 +1489,11 @@ class Chaos:
             "missing_recall": len(missing),
             "duplicate_recalls": dup,
             "mixed_versions": mixed,
+            "stale_overwrites": stale["stale_overwrites"],
+            "stale": stale,
+            "zombies": self.zombies,
+            "duplicate_events_sent": sum(1 for x in delivered if x.expect == "duplicate"),
+            "duplicate_events_applied": dup_applied,
             "bad_inputs": bad.get("sent", 0),
             "worker_crashes": len(self.workers.crashes),
             "outages": self.outages,
@@ -1286,10 +1530,48 @@ class Chaos:
         }
         return out
 
+    def _stale(self, state: WindowState) -> dict[str, Any]:
+        """Writes a zombie could have left behind, per user that got recall messages: interest vectors
+        whose stored fence is older than the newest recall message's (the fenced write was overtaken), and
+        the view's choice (its `order_key` rule replayed over the messages in arrival order) being older
+        than the newest. `last_written_older` counts users whose LAST message on the topic is not the
+        newest: what a reader of the compacted topic that keeps the last write would hold; the fence is
+        there for it."""
+        part_of = {x.user: x.partition for x in self.truth.delivered() if x.chaos and x.user}
+        interests = view = last = late = 0
+        sample: list[dict[str, Any]] = []
+        users = [u for u in self.reader.order if u in part_of]
+        for u in users:
+            keys = self.reader.order[u]
+            newest = max(keys)
+            kept = keys[0]
+            for k in keys[1:]:
+                if not kept > k:  # the view replaces unless the new message is older
+                    kept = k
+            view += int(kept[0] < newest[0])
+            late += sum(1 for i in range(1, len(keys)) if keys[i][0] < max(keys[:i])[0])
+            last += int(keys[-1][0] < newest[0])
+            got = state.read_interests(part_of[u], u)
+            if got is None or got[3] < newest[0]:
+                interests += 1
+                if len(sample) < 10:
+                    sample.append(
+                        {"user": u, "stored_fence": None if got is None else got[3], "newest": newest[0]}
+                    )
+        return {
+            "stale_overwrites": interests + view,
+            "interests": interests,
+            "view": view,
+            "last_written_older": last,
+            "late_messages": late,  # arrived after a newer one for the same user (a zombie's, a retry's)
+            "users_checked": len(users),
+            "sample": sample,
+        }
+
     def _bad_inputs(self) -> dict[str, Any]:
         """Each hostile message against its expected outcome: a dead letter with the expected code at its
         partition and offset, or none (handled: applied to its window, checked with the windows)."""
-        sent = [x for x in self.truth.sent if not x.chaos]
+        sent = [x for x in self.truth.sent if not x.chaos and x.expect != "duplicate"]
         if not sent:
             todo = self.extra.get("hostile", {}).get("todo")
             return {"sent": 0, **({"todo": todo} if todo else {})}
@@ -1332,6 +1614,8 @@ class Chaos:
         self.reader.stop()
         self.target = 0
         self.workers.stop_all()
+        for px in self.proxies.values():
+            px.close()
 
 
 def hostile_cases(n: int, seed: int, catalog: Any, users: list[str], settings: Any) -> list[Hostile] | str:
@@ -1387,6 +1671,23 @@ def committed(settings: Any, ends: dict[int, int]) -> dict[int, int]:
         c.close()
 
 
+def _stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP): state T in /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _host_port(url: str | None) -> tuple[str, int]:
+    """host and port of "host:port", "http://host:port" or "redis://host:port/0"."""
+    if not url:
+        raise ValueError("a server address is needed for its proxy")
+    parts = urlsplit(url if "://" in url else f"tcp://{url}")
+    assert parts.hostname is not None and parts.port is not None, url
+    return parts.hostname, parts.port
+
+
 def worker_config(settings: Any, plan: Plan, checkpoint: Path) -> dict[str, Any]:
     """The workers' settings file: the stack's addresses, large windows, short session timeouts."""
     keys = (
@@ -1437,15 +1738,21 @@ def summary_table(d: dict[str, Any]) -> str:
         f"{'lost / applied twice':<28}{d['lost']} / {d['applied_twice']}",
         f"{'missing recall / duplicates':<28}{d['missing_recall']} / {d['duplicate_recalls']}",
         f"{'mixed versions':<28}{d['mixed_versions']}",
+        f"{'stale overwrites (zombies)':<28}{d['stale_overwrites']} ({len(d['zombies'])} pauses)",
+        f"{'duplicates sent / applied':<28}{d['duplicate_events_sent']} / {d['duplicate_events_applied']}",
         f"{'bad inputs (dlq ok)':<28}{d['bad_inputs']} ({d['hostile'].get('dlq_arrived', '-')})",
         f"{'worker crashes':<28}{d['worker_crashes']}",
         f"{'clicks published':<28}{d['clicks']['published']}",
     ]
-    rows.append(f"{'outage':<10}{'down s':>8}{'recovery s':>12}{'catch-up s':>12}{'lost':>6}")
+    rows.append(f"{'outage':<18}{'down s':>8}{'p99 ms':>9}{'recovery s':>12}{'catch-up s':>12}{'lost':>6}")
     for name, o in d["outages"].items():
+        if "down_s" not in o:  # the broker stall: detected or not
+            rows.append(f"{name:<18} detected after {o.get('detected_after_s')} s: {o.get('readyz')}")
+            continue
         rec = "-" if o.get("recovery_s") is None else f"{o['recovery_s']:.2f}"
         cu = "-" if o.get("catch_up_s") is None else f"{o['catch_up_s']:.2f}"
-        rows.append(f"{name:<10}{o['down_s']:>8.2f}{rec:>12}{cu:>12}{o.get('lost', 0):>6}")
+        p99 = "-" if o.get("p99_ms") is None else f"{o['p99_ms']:.0f}"
+        rows.append(f"{name:<18}{o['down_s']:>8.2f}{p99:>9}{rec:>12}{cu:>12}{o.get('lost', 0):>6}")
     soak = d.get("soak", {})
     if soak.get("rss_mb_start") is not None:
         rows.append(f"{'soak RSS MB start / end':<28}{soak['rss_mb_start']} / {soak['rss_mb_end']}")
@@ -1547,7 +1854,10 @@ def run_chaos(
         assert s.milvus_uri is not None
         index_checkpoint(checkpoint, s.milvus_uri, repo=repo, prefix=s.milvus_prefix, progress=False)
         t_up = time.monotonic() - t0 - t_train
-        echo(f"3/5 faults: {plan.kills} kills, 4 outages, a rebalance, a roll, hostile input")
+        echo(
+            f"3/5 faults: {plan.kills} kills, 4 outages, slow and dropped dependencies, a rebalance, "
+            f"{len(plan.zombie_stages)} zombies, {plan.duplicates} duplicates, hostile input, a roll, a stall"
+        )
         chaos = Chaos(
             stack,
             s,
@@ -1566,9 +1876,14 @@ def run_chaos(
         chaos.outage("milvus", plan.milvus_down_s)
         chaos.outage("redis", plan.redis_down_s)
         chaos.broker_restart()
+        for name in ("triton", "milvus", "redis"):
+            chaos.slow_dependency(name)
         chaos.rebalance()
+        chaos.zombie()
+        chaos.duplicate_events()
         chaos.hostile()
         chaos.roll()
+        chaos.broker_stall()
         chaos.tail()
         echo("4/5 checking windows, recall coverage and versions against the ground truth")
         d = chaos.report()

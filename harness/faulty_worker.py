@@ -1,10 +1,14 @@
-"""A stream worker that SIGKILLs itself at a chosen stage: the chaos harness's way to die at an exact point.
+"""A stream worker that SIGKILLs or SIGSTOPs itself at a chosen stage: the chaos harness's way to die, or
+to freeze into a zombie, at an exact point.
 
     python -m harness.faulty_worker --kill-at window:3 --config worker.toml --checkpoint mind.pt
+    python -m harness.faulty_worker --stop-at kv_write:2 --config worker.toml --checkpoint mind.pt
 
 `--kill-at STAGE:N` kills the process on entering STAGE for the N-th time; `STAGE:N:exit` on leaving it
-after it succeeded (`produce:3:exit` dies between the recall delivery and the commit). The fault wraps
-the worker's stage seam from the outside: the production worker reads no fault setting.
+after it succeeded (`produce:3:exit` dies between the recall delivery and the commit). `--stop-at` stops
+it there instead (SIGSTOP: every thread, librdkafka's heartbeats included), as a long GC pause or a
+swapped-out process would; the harness sends SIGCONT later. The fault wraps the worker's stage seam from
+the outside: the production worker reads no fault setting.
 """
 
 from __future__ import annotations
@@ -36,15 +40,15 @@ class KillPoint(NamedTuple):
         return f"{self.stage}:{self.nth}" + (":exit" if self.at_exit else "")
 
 
-def faulty(point: KillPoint) -> type[Worker]:
-    """A Worker whose stage `point.stage` kills the process at its n-th entry (or exit)."""
+def faulty(point: KillPoint, sig: signal.Signals = signal.SIGKILL) -> type[Worker]:
+    """A Worker whose stage `point.stage` sends `sig` to its own process at its n-th entry (or exit)."""
     hits = [0]
 
     def hit(name: str, exiting: bool) -> None:
         if name == point.stage and exiting == point.at_exit:
             hits[0] += 1
             if hits[0] == point.nth:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
 
     class FaultyWorker(Worker):
         @contextmanager
@@ -59,9 +63,13 @@ def faulty(point: KillPoint) -> type[Worker]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argument_parser(prog="python -m harness.faulty_worker")
-    ap.add_argument("--kill-at", required=True, type=KillPoint.parse, help="STAGE:N or STAGE:N:exit")
+    how = ap.add_mutually_exclusive_group(required=True)
+    how.add_argument("--kill-at", type=KillPoint.parse, help="SIGKILL at STAGE:N or STAGE:N:exit")
+    how.add_argument("--stop-at", type=KillPoint.parse, help="SIGSTOP at STAGE:N or STAGE:N:exit")
     args = ap.parse_args(argv)
-    return run_from_args(args, worker_type=faulty(args.kill_at))
+    if args.kill_at is not None:
+        return run_from_args(args, worker_type=faulty(args.kill_at))
+    return run_from_args(args, worker_type=faulty(args.stop_at, signal.SIGSTOP))
 
 
 if __name__ == "__main__":

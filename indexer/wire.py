@@ -35,7 +35,9 @@ from pymilvus.exceptions import MilvusException
 from pymilvus.grpc_gen import common_pb2, milvus_pb2, milvus_pb2_grpc
 
 DEFAULT_PORT = 19530  # pymilvus' default when the URI names none (443 for https)
-# The channel options pymilvus 3.0.2 opens its own channel with (GrpcHandler._create_grpc_channel).
+# The channel options pymilvus 3.0.2 opens its own channel with (GrpcHandler._create_grpc_channel), plus a
+# short reconnect backoff: gRPC's grows to 120 s, so after a Milvus restart a worker could wait minutes for
+# its next search (the same cap as the Triton client's, stream/tower.py).
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
@@ -43,6 +45,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", True),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 

@@ -246,10 +246,12 @@ def dump_recall(
     produced_at: float | None = None,
     *,
     click: tuple[int, int] | None = None,
+    fence: int | None = None,
     check: bool = False,
 ) -> bytes:
     """One recall.v1 message. Candidates are (item_id, score, interest) tuples or mappings, best first.
-    `click` is the triggering click's (partition, offset), which orders a user's messages in the view.
+    `click` is the triggering click's (partition, offset); `fence` (stream.state.fence) orders a user's
+    messages: the view, and any reader of the compacted topic, keeps the one with the highest.
 
     Values are cast to str/float/int so numpy scalars serialise. `check=True` validates (tests, debug).
     """
@@ -272,6 +274,8 @@ def dump_recall(
     }
     if click is not None:
         d["click_partition"], d["click_offset"] = int(click[0]), int(click[1])
+    if fence is not None:
+        d["fence"] = int(fence)
     if check:
         validate(RECALL_V1, d)
     return orjson.dumps(d)

@@ -5,14 +5,16 @@ Key layout (`prefix` defaults to "mind"; `{...}` is a Redis Cluster hash tag, so
 shares a slot and one script may touch them all):
 
     mind:{clicks.3}:offset         string  last offset of partition 3 applied to the windows
+    mind:{clicks.3}:gen            string  the partition's log generation: bumped when the offset is reset
+                                           for a new log (a broker that lost its data), 0 when absent
     mind:{clicks.3}:events         zset    event ids applied recently (score = offset), at most
                                            `event_memory` per partition: the duplicate-event check
     mind:{clicks.3}:win:<user>     list    the user's behaviours, oldest first, at most max_len; an entry
                                            is "item:ts" (item index, click time in unix seconds), or
                                            "item" as written before times were kept (time unknown = 0)
     mind:{clicks.3}:int:<user>     hash    vec (float32 bytes, [k, d] active interests), k, d,
-                                           model_version, ts (unix seconds of the refresh), fence (the
-                                           offset of the click that triggered the refresh)
+                                           model_version, ts (unix seconds of the refresh), fence (see
+                                           below: the generation and offset of the triggering click)
 
 Exactly-once effect: APPLY_LUA appends a partition's clicks of one batch AND stores the partition's new
 offset in one script, which Redis runs atomically. A click is appended only if its offset is greater than
@@ -23,9 +25,13 @@ without idempotence, a log replayed twice). The script returns the touched windo
 round trip per partition for both the write and the read; calling it again (a retry) applies nothing
 and returns the same windows.
 
-Fencing: INTERESTS_LUA writes a user's interest vectors only if the refresh's click offset is newer than
-the stored fence, atomically, so a worker that stalls past its session (a zombie) and wakes up cannot
-overwrite the fresher vectors of the partition's new owner. Windows are fenced by the partition offset.
+Fencing: every write derived from a batch carries the fence of the click that triggered it,
+`fence(generation, offset)` = generation * 10**12 + offset, which only grows along a partition's history,
+even across a reset of the log (a new generation). INTERESTS_LUA writes a user's interest vectors only if
+the refresh's fence is newer than the stored one, atomically, so a worker that stalls past its session (a
+zombie) and wakes up cannot overwrite the fresher vectors of the partition's new owner. The recall message
+carries the same fence, and the candidate view keeps the newest by it. Windows are fenced by the
+partition offset itself.
 """
 
 from __future__ import annotations
@@ -42,10 +48,20 @@ from stream import metrics
 
 _T = TypeVar("_T")
 
-# KEYS[1] = the partition's offset key, KEYS[2] = its recent event ids, KEYS[2 + i] = window key of user i.
+FENCE_STRIDE = 10**12  # offsets below a trillion; generation * stride + offset stays exact in a Lua double
+
+
+def fence(generation: int, offset: int) -> int:
+    """The order of writes derived from a partition's clicks: by log generation, then by offset."""
+    return int(generation) * FENCE_STRIDE + int(offset)
+
+
+# KEYS[1] = the partition's offset key, KEYS[2] = its recent event ids, KEYS[3] = its log generation,
+# KEYS[3 + i] = window key of user i.
 # ARGV[1] = last offset of the batch in this partition, ARGV[2] = max_len, ARGV[3] = event_memory (0 = no
 # event-id check), then per user i: n_i, followed by n_i (offset, event id, entry) triples in offset order.
-# Returns {offset stored before, clicks applied, duplicate events skipped, offset stored after, window...}:
+# Returns {offset stored before, clicks applied, duplicate events skipped, offset stored after, generation,
+# window...}:
 # the windows of the users in KEYS order, each a list of entries.
 APPLY_LUA = """
 local stored = tonumber(redis.call('GET', KEYS[1]) or '-1')
@@ -54,14 +70,14 @@ local max_len = tonumber(ARGV[2])
 local memory = tonumber(ARGV[3])
 local applied, dupes = 0, 0
 if stored < last then
-  for i = 3, #KEYS do  -- check every key first: a script's writes are not rolled back on a later error
+  for i = 4, #KEYS do  -- check every key first: a script's writes are not rolled back on a later error
     local t = redis.call('TYPE', KEYS[i]).ok
     if t ~= 'list' and t ~= 'none' then
       return redis.error_reply('WRONGTYPE window key ' .. KEYS[i] .. ' holds a ' .. t .. '; nothing applied')
     end
   end
   local p = 4
-  for i = 3, #KEYS do
+  for i = 4, #KEYS do
     local n = tonumber(ARGV[p])
     p = p + 1
     local entries = {}
@@ -88,14 +104,14 @@ if stored < last then
   if memory > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -memory - 1) end
   redis.call('SET', KEYS[1], last)
 end
-local out = {stored, applied, dupes, math.max(stored, last)}
-for i = 3, #KEYS do out[#out + 1] = redis.call('LRANGE', KEYS[i], 0, -1) end
+local out = {stored, applied, dupes, math.max(stored, last), tonumber(redis.call('GET', KEYS[3]) or '0')}
+for i = 4, #KEYS do out[#out + 1] = redis.call('LRANGE', KEYS[i], 0, -1) end
 return out
 """
 
-# KEYS[i] = interests key of user i (one partition: one slot). ARGV[1] = k... per user i, 7 values:
-# fence (click offset), vec bytes, k, d, model_version, ts. Writes a user's hash only if its stored fence
-# is older. Returns the number of users written.
+# KEYS[i] = interests key of user i (one partition: one slot). ARGV: 6 values per user i: fence, vec
+# bytes, k, d, model_version, ts. Writes a user's hash only if its stored fence is older. Returns the
+# number of users written.
 INTERESTS_LUA = """
 local written = 0
 for i = 1, #KEYS do
@@ -120,6 +136,7 @@ class ApplyResult(NamedTuple):
     applied: int  # clicks appended
     skipped: int  # clicks at or below the stored offset (re-delivered)
     duplicates: int  # clicks whose event id was applied already (a duplicated event)
+    generation: int = 0  # the partition's log generation (its fences are built on it)
 
 
 class Window(NamedTuple):
@@ -191,6 +208,9 @@ class WindowState:
     def offset_key(self, partition: int) -> str:
         return f"{self.prefix}:{self.slot_tag(partition)}:offset"
 
+    def generation_key(self, partition: int) -> str:
+        return f"{self.prefix}:{self.slot_tag(partition)}:gen"
+
     def events_key(self, partition: int) -> str:
         return f"{self.prefix}:{self.slot_tag(partition)}:events"
 
@@ -212,7 +232,7 @@ class WindowState:
         partition's last `event_memory` applied ones; the stored offset becomes `last_offset` unless it
         already was >= it.
         """
-        keys = [self.offset_key(partition), self.events_key(partition)]
+        keys = [self.offset_key(partition), self.events_key(partition), self.generation_key(partition)]
         args: list[Any] = [int(last_offset), self.max_len, self.event_memory]
         total = 0
         for u in users:
@@ -232,9 +252,9 @@ class WindowState:
                 args.extend((int(off), ev, f"{int(item)}:{int(ts)}"))
             total += n
         out = self._call(lambda: self._apply(keys=keys, args=args))
-        before, applied, dupes = int(out[0]), int(out[1]), int(out[2])
-        windows = [parse_window(w) for w in out[4:]]
-        return ApplyResult(before, applied, total - applied - dupes, dupes), windows
+        before, applied, dupes, gen = int(out[0]), int(out[1]), int(out[2]), int(out[4])
+        windows = [parse_window(w) for w in out[5:]]
+        return ApplyResult(before, applied, total - applied - dupes, dupes, gen), windows
 
     def read_windows(self, users: Sequence[tuple[int, str]]) -> list[list[int]]:
         """The item indices of (partition, user) windows, oldest first (one pipelined round trip)."""
@@ -267,12 +287,14 @@ class WindowState:
     def reset_offset(self, partition: int, offset: int) -> None:
         """Overwrite a partition's stored offset: an operator's tool for when the log it guarded is gone
         (a broker that lost its data restarts offsets at 0, and clicks at or below the stored offset
-        would be skipped). The recent event ids go with it: they belonged to the lost log."""
+        would be skipped). The recent event ids go with it: they belonged to the lost log. The partition's
+        generation is bumped, so the fences of the new log's writes order after the old log's."""
 
         def run() -> None:
             pipe = self.client.pipeline(transaction=False)
             pipe.set(self.offset_key(partition), int(offset))
             pipe.delete(self.events_key(partition))
+            pipe.incr(self.generation_key(partition))
             pipe.execute()
 
         self._call(run)
@@ -290,8 +312,8 @@ class WindowState:
         ts: float | None = None,
     ) -> int:
         """Store each user's active interest vectors [k, d] (float32 bytes) with the version and time, if its
-        fence (the triggering click's offset) is newer than the stored one. One script call for the users
-        of one partition; returns how many were written (the others were older than what is stored)."""
+        fence (`fence(generation, triggering click's offset)`) is newer than the stored one. One script call
+        for the users of one partition; returns how many were written (the others were older)."""
         vec = np.asarray(vectors, dtype=np.float32)
         act = np.asarray(active, dtype=bool)
         if (

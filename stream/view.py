@@ -40,8 +40,8 @@ before any handler runs (raw non-ASCII bytes in the request line, a request line
 over 4 KiB, more than 64 headers, a malformed request line) get its plain-text 400. Idle keep-alive
 connections are closed after 15 s. Hostile requests are tested in tests/stream/test_hostile.py.
 
-Latest wins: a message replaces the stored one only when its (click_offset, event_timestamp, produced_at)
-is not older, so a re-delivered or late duplicate never rolls a user back, and a click with an earlier
+Latest wins: a message replaces the stored one only when its (fence, event_timestamp, produced_at) is not
+older (`order_key`), so a re-delivered or late duplicate never rolls a user back, and a click with an earlier
 timestamp that arrived later still refreshes the list. A tombstone (null value) deletes.
 Invalid recall messages are counted and skipped (the view never crashes on its input).
 
@@ -216,10 +216,13 @@ def parse_n(value: str | None) -> tuple[int | None, str | None]:
 
 
 def order_key(msg: dict[str, Any]) -> tuple[int, float, float]:
-    """Which of two recall messages is newer: the later click by offset (a user's clicks share one
-    partition, and timestamps may arrive out of order), then by timestamp for messages without an offset,
-    then the later production (a re-delivered batch recomputes from the same or a newer window)."""
-    return int(msg.get("click_offset", -1)), float(msg["event_timestamp"]), float(msg["produced_at"])
+    """Which of two recall messages is newer: the higher fence (the partition's log generation and the
+    click's offset; a message without one counts its click offset), since a user's clicks share one
+    partition and timestamps may arrive out of order, and a zombie worker's late message carries an older
+    fence; then by timestamp for messages with neither; then the later production (a re-delivered batch
+    recomputes from the same or a newer window)."""
+    click = int(msg.get("click_offset", -1))
+    return int(msg.get("fence", click)), float(msg["event_timestamp"]), float(msg["produced_at"])
 
 
 def answer(msg: dict[str, Any], now: float | None = None, n: int | None = None) -> dict[str, Any]:

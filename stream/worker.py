@@ -76,7 +76,7 @@ from stream import health, metrics
 from stream.recall import Recaller
 from stream.schemas import Click, InvalidEvent, dlq_record_for, dump_recall, parse_click
 from stream.settings import Settings, kafka_config, load_settings, redis_client
-from stream.state import UserClicks, Window, WindowState
+from stream.state import UserClicks, Window, WindowState, fence
 from stream.topics import ensure_topics
 from stream.tower import TowerError, TritonTower
 from stream.window import Catalog, Indexed, UserBatch, group_by_user, load_catalog
@@ -163,6 +163,7 @@ class Batch:
     interests: np.ndarray | None = None  # [B,K,d] after the triton stage
     active: np.ndarray | None = None  # [B,K]
     model_version: str = ""
+    log_generation: dict[int, int] = field(default_factory=dict)  # per partition, from the window script
     recalls: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -303,6 +304,11 @@ class Worker:
                 raise
             raise DependencyError(dep, exc) from exc
 
+    @staticmethod
+    def fence_of(batch: Batch, g: UserBatch) -> int:
+        """The fence of a user's refresh: its partition's log generation and its triggering click's offset."""
+        return fence(batch.log_generation.get(g.partition, 0), g.fence)
+
     def head(self, batch: Batch) -> None:
         """Window and Triton stages. Idempotent: a retry applies nothing twice and recomputes the rest."""
         self._blamed(self._head, batch)
@@ -337,6 +343,7 @@ class Worker:
                     for k in ks
                 ]
                 res, wins = self.state.apply(part, batch.last[part], users)
+                batch.log_generation[part] = res.generation
                 if part not in batch.applied_partitions:  # a retry's second call applies nothing
                     batch.applied_partitions.add(part)
                     batch.applied += res.applied
@@ -369,7 +376,7 @@ class Worker:
                     self.state.write_interests(
                         part,
                         [groups[k].user_id for k in ks],
-                        [groups[k].fence for k in ks],
+                        [self.fence_of(batch, groups[k]) for k in ks],
                         batch.interests[ks],
                         batch.active[ks],
                         batch.model_version,
@@ -387,6 +394,7 @@ class Worker:
                         res.version,
                         [(raw(i), sc, k) for i, sc, k in cands],
                         click=(g.partition, g.fence),
+                        fence=self.fence_of(batch, g),
                     )
                     for g, cands in zip(groups, res.as_lists(), strict=True)
                 ]

@@ -1,4 +1,4 @@
-"""`mind chaos` (harness/chaos.py): its ground-truth checker, the worker's fault hook, and the --quick run.
+"""`mind chaos` (harness/chaos.py): its ground-truth checker, the fault-injecting worker, the --quick run.
 
 The checker is tested first on windows written by the real Lua script into a real Valkey, with a click
 missing, one applied twice and a window nobody should have: a checker that cannot see those would make
@@ -117,6 +117,15 @@ def test_quick_chaos_run_loses_nothing_and_applies_nothing_twice(tmp_path: Path)
     for name in ("triton", "milvus", "redis", "kafka"):
         o = d["outages"][name]
         assert o["recovery_s"] is not None and o["worker_crashes"] == 0, (name, o)
+    for name in ("triton", "milvus", "redis"):  # slowed 50-200 ms, then connections dropped
+        for fault in ("slow", "dropped"):
+            o = d["outages"][f"{fault} {name}"]
+            assert o["lost"] == 0 and o["recovery_s"] is not None and o["p99_ms"] is not None, o
+    assert d["zombies"] and all(z["froze"] and z["partitions_moved"] for z in d["zombies"]), d["zombies"]
+    assert d["stale_overwrites"] == 0 and d["stale"]["users_checked"] > 0, d["stale"]
+    assert d["duplicate_events_sent"] >= 1000 and d["duplicate_events_applied"] == 0
+    stall = d["outages"]["broker stall"]
+    assert stall["detected"] and stall["stalls_counted"] >= 1 and stall["readyz"], stall
     assert d["rebalance"]["workers"] == [2, 3, 1]
     assert d["clicks"]["published"] > 1000 and d["clicks"]["failed_to_publish"] == 0
     hostile = d["hostile"]

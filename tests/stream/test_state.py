@@ -15,7 +15,7 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from stream.embedded.redis import free_port
-from stream.state import UserClicks, Window, WindowState
+from stream.state import UserClicks, Window, WindowState, fence
 
 TOPIC = "clicks-state"
 
@@ -29,7 +29,7 @@ def test_batch_applied_with_its_offset_in_one_call_which_returns_the_windows(
     state: WindowState, redis_db: Any
 ) -> None:
     res, windows = state.apply(3, 12, [("u1", [10, 12], [5, 6]), ("u2", [11], [7])])
-    assert res == (-1, 3, 0, 0)
+    assert res == (-1, 3, 0, 0, 0)
     assert [w.items for w in windows] == [[5, 6], [7]]
     assert state.read_windows([(3, "u1"), (3, "u2"), (3, "nobody")]) == [[5, 6], [7], []]
     assert state.offsets([3, 4]) == {3: 12, 4: -1}
@@ -43,7 +43,7 @@ def test_replayed_batch_is_skipped_and_still_returns_the_windows(state: WindowSt
     batch = [("u1", [0, 1, 2], [2, 3, 4]), ("u2", [3], [9])]
     assert state.apply(0, 3, batch)[0].applied == 4
     again, windows = state.apply(0, 3, batch)
-    assert again == (3, 0, 4, 0)
+    assert again == (3, 0, 4, 0, 0)
     assert [w.items for w in windows] == [[2, 3, 4], [9]]  # a retry still gets what it needs
     assert state.read_windows([(0, "u1"), (0, "u2")]) == [[2, 3, 4], [9]]
 
@@ -52,7 +52,7 @@ def test_partial_replay_applies_only_newer_clicks(state: WindowState) -> None:
     """A crash after offsets 0..5 were applied; the re-delivered batch 3..8 brings 6..8 once."""
     state.apply(1, 5, [("u", [0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 6, 7])])
     res, _ = state.apply(1, 8, [("u", [3, 4, 5, 6], [5, 6, 7, 8]), ("v", [7, 8], [11, 12])])
-    assert res == (5, 3, 3, 0)
+    assert res == (5, 3, 3, 0, 0)
     assert state.read_windows([(1, "u"), (1, "v")]) == [[5, 6, 7, 8], [11, 12]]  # max_len 4
     assert state.offsets([1]) == {1: 8}
 
@@ -72,11 +72,13 @@ def test_a_bad_key_applies_nothing(state: WindowState, redis_db: Any) -> None:
     assert state.read_windows([(0, "ok")]) == [[]] and state.offsets([0]) == {0: -1}
 
 
-def test_reset_offset(state: WindowState) -> None:
-    state.apply(0, 40, [("u", [40], [2])])
-    state.reset_offset(0, -1)
-    assert state.apply(0, 0, [("u", [0], [3])])[0].applied == 1
-    assert state.read_windows([(0, "u")]) == [[2, 3]]
+def test_reset_offset_starts_a_new_generation_whose_fences_order_after_the_old(state: WindowState) -> None:
+    old, _ = state.apply(0, 40, [("u", [40], [2])])
+    state.reset_offset(0, -1)  # the broker lost its log: offsets restart at 0
+    new, _ = state.apply(0, 0, [("u", [0], [3])])
+    assert new.applied == 1 and state.read_windows([(0, "u")]) == [[2, 3]]
+    assert (old.generation, new.generation) == (0, 1)
+    assert fence(new.generation, 0) > fence(old.generation, 40)  # a new log's click is newer
 
 
 def test_click_times_are_kept_and_old_entries_read_as_unknown(state: WindowState, redis_db: Any) -> None:
@@ -91,7 +93,7 @@ def test_click_times_are_kept_and_old_entries_read_as_unknown(state: WindowState
 def test_a_duplicated_event_id_is_applied_once(redis_db: Any) -> None:
     state = WindowState(redis_db, TOPIC, max_len=10, event_memory=3)
     res, (w,) = state.apply(0, 2, [UserClicks("u", [0, 1, 2], [5, 6, 5], ["a", "b", "a"])])
-    assert res == (-1, 2, 0, 1) and w.items == [5, 6]  # the second "a" (a retried publish) is skipped
+    assert res == (-1, 2, 0, 1, 0) and w.items == [5, 6]  # the second "a" (a retried publish) is skipped
     res, (w,) = state.apply(0, 4, [UserClicks("u", [3, 4], [6, 7], ["b", "c"])])
     assert res.duplicates == 1 and w.items == [5, 6, 7]
     # the memory is bounded: only the last 3 applied ids are kept, so "a" is forgotten
