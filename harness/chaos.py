@@ -1549,7 +1549,10 @@ class Chaos:
                 if not kept > k:  # the view replaces unless the new message is older
                     kept = k
             view += int(kept[0] < newest[0])
-            late += sum(1 for i in range(1, len(keys)) if keys[i][0] < max(keys[:i])[0])
+            top = keys[0][0]
+            for k in keys[1:]:
+                late += int(k[0] < top)
+                top = max(top, k[0])
             last += int(keys[-1][0] < newest[0])
             got = state.read_interests(part_of[u], u)
             if got is None or got[3] < newest[0]:
