@@ -38,7 +38,7 @@ Metrics (own registry, served on /metrics of this same loopback bind):
 Every error the app answers is JSON ({"error", "status"}). Requests that aiohttp's HTTP parser refuses
 before any handler runs (raw non-ASCII bytes in the request line, a request line over 4 KiB, a header
 over 4 KiB, more than 64 headers, a malformed request line) get its plain-text 400. Idle keep-alive
-connections are closed after 15 s. Hostile requests are tested in tests/stream/test_hostile.py.
+connections are closed after 15 s. Hostile requests are tested in tests/harness/test_hostile.py.
 
 Latest wins: a message replaces the stored one only when its (fence, event_timestamp, produced_at) is not
 older (`order_key`), so a re-delivered or late duplicate never rolls a user back, and a click with an earlier
