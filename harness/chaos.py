@@ -75,6 +75,7 @@ from stream.embedded.stack import (
     models_in,
     read_state,
 )
+from stream.fetch import available
 from stream.schemas import Click, dump_click
 from stream.settings import Settings, kafka_config, redis_client
 from stream.state import WindowState
@@ -405,7 +406,7 @@ class RecallReader:
                     c.close()
                     c = self._consumer()
                     self._reset.clear()
-                for m in c.consume(500, 0.05):
+                for m in available(c, 500, 0.05):
                     if m.error():
                         continue
                     now = time.time()

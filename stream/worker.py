@@ -15,7 +15,7 @@ ran. It goes through seven stages in two halves:
                 against the item index's active version before anything is written
   tail, on the tail thread, overlapping the next batch's head:
   4. kv_write   interest vectors + model version, fenced by the triggering click's offset (one script per
-                partition)
+                partition), on its own thread while 5 runs
   5. recall     ONE batched ANN search for every active interest, merged per user
   6. produce    dead letters, then one recall message per refreshed user (idempotent producer), flush,
                 check every delivery report
@@ -73,6 +73,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, retry_if_exce
 from indexer.store import MAX_TOPK, IndexUnavailable, InvalidQuery, ItemIndex, VersionMismatch
 from mind.dataset import OOV
 from stream import health, metrics
+from stream.fetch import available
 from stream.recall import Recaller
 from stream.schemas import Click, InvalidEvent, dlq_record_for, dump_recall, parse_click
 from stream.settings import Settings, kafka_config, load_settings, redis_client
@@ -224,6 +225,7 @@ class Worker:
         self._progress: dict[tuple[str, int], tuple[int, float]] = {}  # (position, since) per partition
         self._stalled: set[tuple[str, int]] = set()
         self._tails = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-tail")
+        self._kv = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-kv")
         self._tail: tuple[Batch, Future[None]] | None = None  # the batch whose tail runs now
         self._in_callback = False
         self.last_batch: Batch | None = None
@@ -361,6 +363,24 @@ class Worker:
             # before any interest vector is written: tower and index must serve the same model version
             self.recaller.check_version(batch.model_version)
 
+    def _write_interests(self, batch: Batch) -> None:
+        """The kv_write stage: one fenced script call per partition."""
+        assert batch.interests is not None and batch.active is not None
+        groups = batch.group_list
+        with self._stage(batch, "kv_write"):
+            by_part: dict[int, list[int]] = {}
+            for k, g in enumerate(groups):
+                by_part.setdefault(g.partition, []).append(k)
+            for part, ks in by_part.items():
+                self.state.write_interests(
+                    part,
+                    [groups[k].user_id for k in ks],
+                    [self.fence_of(batch, groups[k]) for k in ks],
+                    batch.interests[ks],
+                    batch.active[ks],
+                    batch.model_version,
+                )
+
     def _tail_stages(self, batch: Batch) -> None:
         s = self.settings
         reports = _Deliveries()
@@ -368,19 +388,9 @@ class Worker:
         values: list[bytes] = []
         if groups:
             assert batch.interests is not None and batch.active is not None
-            with self._stage(batch, "kv_write"):
-                by_part: dict[int, list[int]] = {}
-                for k, g in enumerate(groups):
-                    by_part.setdefault(g.partition, []).append(k)
-                for part, ks in by_part.items():
-                    self.state.write_interests(
-                        part,
-                        [groups[k].user_id for k in ks],
-                        [self.fence_of(batch, groups[k]) for k in ks],
-                        batch.interests[ks],
-                        batch.active[ks],
-                        batch.model_version,
-                    )
+            # the interest vectors are written while Milvus searches (they are independent); the recall
+            # messages go out only once both are done, so a recall message implies its vectors are stored
+            written = self._kv.submit(self._write_interests, batch)
             with self._stage(batch, "recall"):
                 seen = [w.items for w in batch.windows] if self.drop_seen else None
                 res = self.recaller.recall(batch.interests, batch.active, batch.model_version, seen=seen)
@@ -398,6 +408,7 @@ class Worker:
                     )
                     for g, cands in zip(groups, res.as_lists(), strict=True)
                 ]
+            written.result()
         with self._stage(batch, "produce"):
             for letter in batch.dlq:
                 if not letter[2]:
@@ -741,12 +752,9 @@ class Worker:
         s = self.settings
         msgs, self._stray = self._stray, []
         wait = 0.0 if msgs else (0.005 if self._tail is not None else s.batch_timeout_ms / 1000)
-        first = self.consumer.poll(wait)
-        if first is not None:
-            msgs.append(first)
-        room = s.batch_max - len(msgs)
-        if msgs and room > 0:
-            msgs.extend(self.consumer.consume(room, timeout=0))
+        msgs.extend(
+            available(self.consumer, s.batch_max - len(msgs), wait) if len(msgs) < s.batch_max else []
+        )
         return msgs
 
     def run(self, stop: threading.Event | None = None) -> None:
@@ -786,6 +794,7 @@ class Worker:
                 self._finish_tail()
             finally:
                 self._tails.shutdown(wait=True)
+                self._kv.shutdown(wait=True)
                 self._settle_round()
                 log.info("worker stopping: leaving the group")
                 try:

@@ -26,6 +26,7 @@ import numpy as np
 
 from mind.evaluate import evaluate_ranked, evaluate_ranked_per_user
 from mind.train import load_checkpoint, recommend
+from stream.fetch import available
 from stream.schemas import Click, dump_click, parse_recall
 from stream.settings import Settings, kafka_config, redis_client
 from stream.state import WindowState
@@ -221,7 +222,7 @@ def replay(
         (the worker coalesces one user's clicks in a batch), so each click gets one latency."""
         try:
             while not reading.is_set():
-                for m in consumer.consume(500, 0.05):
+                for m in available(consumer, 500, 0.05):
                     if m.error():
                         continue
                     if m.topic() == settings.dlq_topic:
