@@ -136,12 +136,11 @@ class Plan:
     hostile: int = 1200
     hostile_per_click: int = 2
     soak_s: float = 600.0
-    # harness.soak.soak arguments. 400 clicks/s is about half of what one worker sustains on this stack
-    # (about 735/s measured in docs/load.md; the 1,856/s of benchmarks/pipeline.json is a bigger batch on
-    # Beauty); 16 partitions and a 50 ms producer linger keep each partition's record-batch count below
-    # where embedded Tansu's fetches degrade (docs/load.md).
+    # harness.soak.soak arguments: 400 clicks/s for 10 minutes. 32 partitions and a 50 ms producer linger
+    # keep each partition under ~6k record batches, below where the embedded Tansu stops serving one at
+    # the worker's 5 ms fetch wait (~11k; docs/load.md).
     soak: dict[str, Any] = field(
-        default_factory=lambda: {"rate_cps": 400.0, "partitions": 16, "linger_ms": 50}
+        default_factory=lambda: {"rate_cps": 400.0, "partitions": 32, "linger_ms": 50}
     )
     train_s: float = 20.0  # checked after each epoch
     epochs: int = 3
