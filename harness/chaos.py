@@ -155,6 +155,7 @@ class Plan:
     zombie_stages: tuple[str, ...] = ("window", "kv_write", "produce")  # one SIGSTOP pause each
     duplicates: int = 1500  # delivered clicks published again (a retrying producer)
     stall_batches: int = 4000  # one-message record batches that make the embedded broker stall (1 ms wait)
+    stall_max_batches: int = 40_000  # the log grows up to this while the stall has not shown
 
     @classmethod
     def quick(cls) -> Plan:
@@ -1191,11 +1192,18 @@ class Chaos:
             producer = Producer(kafka_config(ws, "producer", **{"linger.ms": 0}))
             users = [u for u, *_ in self.publisher.pool[:20]]
             item = self.catalog.raw_item(2)
+            appended = 0
+
+            def append(n: int) -> None:
+                nonlocal appended
+                for _ in range(n):
+                    c = Click(f"{tag}-{appended}", users[appended % len(users)], item, time.time())
+                    producer.produce(ws.clicks_topic, dump_click(c), c.user_id.encode())
+                    producer.flush(10)  # one record batch per click
+                    appended += 1
+
             t0 = time.time()
-            for k in range(self.plan.stall_batches):
-                c = Click(f"{tag}-{k}", users[k % len(users)], item, time.time())
-                producer.produce(ws.clicks_topic, dump_click(c), c.user_id.encode())
-                producer.flush(10)  # one record batch per click
+            append(self.plan.stall_batches)
             t_filled = time.time()
             proc: WorkerProc = spawn_worker(self.checkpoint)(
                 ws, self.run_dir / "workers" / "stall-worker.log"
@@ -1213,19 +1221,33 @@ class Chaos:
                 except OSError:
                     return False
 
-            seen = self._wait(stalled, 120, "the stall worker's /readyz to report the stalled partition")
+            # How long a listing takes depends on the machine: a faster one lists the first batches within the
+            # wait, so the log keeps growing until the broker stops serving the partition.
+            stop = threading.Event()
+
+            def grow() -> None:
+                while not stop.is_set() and appended < self.plan.stall_max_batches:
+                    append(200)
+
+            grower = threading.Thread(target=grow, name="stall-grow", daemon=True)
+            grower.start()
+            try:
+                seen = self._wait(stalled, 180, "the stall worker's /readyz to report the stalled partition")
+            finally:
+                stop.set()
+                grower.join(30)
             t_seen = time.time()
             metrics_now = proc.scrape()
             proc.stop()
             res = {
-                "batches": self.plan.stall_batches,
+                "batches": appended,
                 "fetch_wait_max_ms": 1,
                 "fill_s": round(t_filled - t0, 2),
                 "detected": seen,
                 "detected_after_s": round(t_seen - t_filled, 2) if seen else None,
                 "readyz": ready.get("checks", {}).get("stalled"),
                 "stalls_counted": metrics_now.get("mind_worker_partition_stalls_total"),
-                "clicks_waiting_in_the_log": self.plan.stall_batches,
+                "clicks_waiting_in_the_log": appended,
                 "lost": 0,  # nothing is lost: the clicks stay in the log, the worker waits and says so
             }
             self.outages["broker stall"] = res
