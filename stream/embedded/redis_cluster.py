@@ -101,10 +101,13 @@ class EmbeddedRedisCluster:
         self.binary = Path(binary) if binary is not None else None
         self.cli = Path(cli) if cli is not None else None
         self.create_log = self.run_dir / "create.log"
-        bus_ports = self._distinct_free_ports(masters)
+        # client and bus ports picked together, so that no node's client port is another node's bus port
+        ports = self._distinct_free_ports(2 * masters)
+        bus_ports = ports[masters:]
         self.nodes = [
             EmbeddedRedis(
                 self.run_dir / f"node-{i}",
+                port=ports[i],
                 host=host,
                 password=password,
                 persist=persist,
