@@ -11,6 +11,7 @@ redis_password / milvus_token when the settings are built, so the URL itself is 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -153,9 +154,17 @@ class Settings(BaseSettings):
     )
 
     # ---- key-value store ------------------------------------------------------------------------------
-    redis_url: str | None = Field(None, description="redis://host:port/db; None = embedded Valkey.")
+    redis_url: str | None = Field(
+        None,
+        description="redis://host:port/db, or redis+cluster://host:port (a Redis Cluster); None = embedded.",
+    )
     redis_username: str | None = None
     redis_password: SecretStr | None = None
+    redis_cluster: bool = Field(
+        False,
+        description="redis_url is one node of a Redis Cluster (the client finds the others); set by a "
+        "redis+cluster:// or rediss+cluster:// URL.",
+    )
 
     # ---- model server -------------------------------------------------------------------------------
     triton_url: str | None = Field(None, description="gRPC host:port; None = embedded tritonserver.")
@@ -249,6 +258,22 @@ class Settings(BaseSettings):
                 if user and user != "default":
                     data.setdefault(user_key, user)
         return data
+
+    @model_validator(mode="after")
+    def _cluster_url(self) -> Settings:
+        """redis+cluster:// says redis_cluster; a cluster has one database (0) and no embedded stand-in."""
+        if self.redis_url and is_cluster_url(self.redis_url):
+            self.redis_cluster = True
+        if self.redis_cluster:
+            if not self.redis_url:
+                raise ValueError(
+                    "redis_cluster needs redis_url, one node of the cluster (e.g. "
+                    "redis+cluster://host:6379): the embedded key-value store is a single server"
+                )
+            db = urlsplit(self.redis_url).path.strip("/")
+            if db not in ("", "0"):
+                raise ValueError(f"a Redis Cluster has only database 0, and redis_url names database {db}")
+        return self
 
     @field_validator("clicks_topic", "recall_topic", "dlq_topic")
     @classmethod
@@ -363,7 +388,10 @@ def redact(conf: dict[str, Any]) -> dict[str, Any]:
 
 
 def redis_client(settings: Settings, url: str | None = None, **kw: Any) -> Any:
-    """A redis-py client for settings.redis_url (or `url`, e.g. the embedded server's), password applied."""
+    """A redis-py client for settings.redis_url (or `url`, e.g. the embedded server's), password applied:
+    a `redis.Redis`, or with redis_cluster (or a redis+cluster:// URL) a `redis.cluster.RedisCluster`
+    that has already read the slot map from the seed node. `kw` goes to the client (a `retry` is the
+    cluster client's own in cluster mode: its node connections never retry by themselves)."""
     import redis
 
     target = url or settings.redis_url
@@ -372,4 +400,95 @@ def redis_client(settings: Settings, url: str | None = None, **kw: Any) -> Any:
             "no key-value store address: set MIND_REDIS_URL, or start the embedded one (`mind up`)"
         )
     pw = settings.redis_password.get_secret_value() if settings.redis_password else None
+    if settings.redis_cluster or is_cluster_url(target):
+        return _cluster_client(target, username=settings.redis_username, password=pw, **kw)
     return redis.Redis.from_url(target, username=settings.redis_username, password=pw, **kw)
+
+
+# ---- Redis Cluster ------------------------------------------------------------------------------------
+
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster_url(url: str) -> bool:
+    """redis+cluster://host:port (rediss+cluster:// with TLS): a node of a Redis Cluster."""
+    return urlsplit(url).scheme.lower() in _CLUSTER_SCHEMES
+
+
+def _plain_url(url: str) -> str:
+    """The redis:// / rediss:// URL redis-py parses, for a redis+cluster:// one."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(scheme=_CLUSTER_SCHEMES.get(parts.scheme.lower(), parts.scheme)))
+
+
+@functools.cache
+def _cluster_types() -> tuple[type[Exception], type[Any]]:
+    """(ClusterUnavailable, ClusterClient), made once: redis is imported when a client is first needed
+    (it costs the CLI about 0.2 s at start), and isinstance() needs one class, not one per call."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    class ClusterUnavailable(redis.exceptions.ConnectionError):
+        """No node of the cluster answered, or none serves a slot (yet): a down server, to every caller."""
+
+    class ClusterClient(RedisCluster):
+        """RedisCluster whose commands raise cluster_error(...); WindowState translates its pipelines."""
+
+        def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().execute_command(*args, **kwargs)
+            except Exception as exc:
+                err = cluster_error(exc)
+                if err is exc:
+                    raise
+                raise err from exc
+
+    return ClusterUnavailable, ClusterClient
+
+
+def cluster_error(exc: BaseException) -> BaseException:
+    """What a caller should see for an exception of the cluster client.
+
+    redis-py raises "no node reachable" and "slot not covered" as RedisClusterException, which is not a
+    RedisError: the worker would take it for a bug and stop, where a single server's outage pauses and
+    retries. Those become ClusterUnavailable (a redis ConnectionError); a refused password stays an
+    AuthenticationError (fail fast); anything else, e.g. a cross-slot call or a node that is not in
+    cluster mode, is returned as it is (a configuration error or a bug).
+    """
+    import redis
+
+    if not isinstance(exc, redis.exceptions.RedisClusterException):
+        return exc
+    unavailable, _ = _cluster_types()
+    cause = exc.__cause__
+    if isinstance(cause, redis.exceptions.AuthenticationError):
+        return cause
+    if isinstance(cause, redis.exceptions.RedisClusterException):  # e.g. "Cluster mode is not enabled"
+        return exc
+    text = str(exc)
+    if (
+        isinstance(exc, redis.exceptions.SlotNotCoveredError)
+        or "cannot be connected" in text
+        or "No targets" in text
+    ):
+        return unavailable(text)
+    return exc
+
+
+def _cluster_client(url: str, **kw: Any) -> Any:
+    """ClusterClient from a redis+cluster:// or redis:// URL. It reads the slot map now, so an unreachable
+    cluster raises ClusterUnavailable here, a refused password AuthenticationError, and a server that is
+    not in cluster mode ValueError (a configuration error: retrying cannot help)."""
+    _, client_type = _cluster_types()
+    try:
+        return client_type.from_url(_plain_url(url), **kw)
+    except Exception as exc:
+        err = cluster_error(exc)
+        if err is not exc:
+            raise err from exc
+        if "Cluster mode is not enabled" in str(exc):
+            raise ValueError(
+                f"{_plain_url(url)} is not a Redis Cluster node (Cluster mode is not enabled on it): unset "
+                "MIND_REDIS_CLUSTER and use a redis:// URL for a single server"
+            ) from exc
+        raise

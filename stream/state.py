@@ -32,6 +32,13 @@ the refresh's fence is newer than the stored one, atomically, so a worker that s
 zombie) and wakes up cannot overwrite the fresher vectors of the partition's new owner. The recall message
 carries the same fence, and the candidate view keeps the newest by it. Windows are fenced by the
 partition offset itself.
+
+Redis Cluster (`client` a redis.cluster.RedisCluster, see stream.settings.redis_client): each script call
+names only keys of one partition, so it goes to the one node that serves that slot. The reads are
+pipelines without MULTI, which the cluster client splits by node. While a slot migrates, a script call
+that names a key the node does not hold (moved already, or absent, like the generation key of a partition
+never reset) is refused with TRYAGAIN or redirected before it runs; redis-py retries TRYAGAIN for about
+0.4 s, then raises, and the worker retries the batch, which the offset guard makes safe.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import redis
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from stream import metrics
+from stream.settings import cluster_error
 
 _T = TypeVar("_T")
 
@@ -131,6 +139,18 @@ return written
 TRANSIENT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
+def _cluster_errors_as_redis_errors(fn: Callable[[], _T]) -> _T:
+    """fn(), with the cluster client's "no node / slot not served" errors raised as a redis ConnectionError
+    (stream.settings.cluster_error): its pipelines do not pass through the client's own translation."""
+    try:
+        return fn()
+    except Exception as exc:
+        err = cluster_error(exc)
+        if err is exc:
+            raise
+        raise err from exc
+
+
 class ApplyResult(NamedTuple):
     stored_before: int  # -1: the partition had no stored offset
     applied: int  # clicks appended
@@ -198,7 +218,7 @@ class WindowState:
         )
 
     def _call(self, fn: Callable[[], _T]) -> _T:
-        return self._retrying(fn)
+        return self._retrying(lambda: _cluster_errors_as_redis_errors(fn))
 
     # ---- keys ------------------------------------------------------------------------------------
 

@@ -915,9 +915,18 @@ def build_worker(
     """Connect every adapter (waiting for servers that are still starting) and create the clients."""
     addr = addresses(settings)
     # redis-py's own retry (3 tries, backoff up to 10 s) is switched off: state.py (a few quick tries)
-    # and the worker's pause-and-retry own the policy, and count what they do.
-    client = redis_client(
-        settings, addr["redis"], socket_timeout=5.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
+    # and the worker's pause-and-retry own the policy, and count what they do. A cluster client reads the
+    # slot map when it is made, so making it waits for the cluster as the ping waits for a single server.
+    client = _until_ready(
+        "redis",
+        lambda: redis_client(
+            settings,
+            addr["redis"],
+            socket_timeout=5.0,
+            socket_connect_timeout=2.0,
+            retry=Retry(NoBackoff(), 0),
+        ),
+        stop,
     )
     _until_ready("redis", client.ping, stop)
     state = WindowState(

@@ -1,9 +1,10 @@
 """Shared fixtures: real servers started once per test session on loopback (a Tansu broker, a Valkey
-server, a tritonserver serving towers exported by mind.export, a milvus-lite server) and the worker's
-end-to-end model.
+server, a 3-master Valkey cluster when a test asks for it, a tritonserver serving towers exported by
+mind.export, a milvus-lite server) and the worker's end-to-end model.
 
 Tests share the servers and isolate themselves: a unique topic/group suffix per test (`uid`), a flushed
-Redis database per test (`redis_db`), their own collection prefix and model name."""
+Redis database per test (`redis_db`), their own collection prefix and model name. On the cluster the
+topic suffix is the isolation: every key a worker writes is tagged with its clicks topic."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from mind.train import feature_tables, model_config_for, save_checkpoint
 from stream.embedded.kafka import EmbeddedKafka
 from stream.embedded.milvus import EmbeddedMilvus
 from stream.embedded.redis import EmbeddedRedis
+from stream.embedded.redis_cluster import EmbeddedRedisCluster
 from stream.embedded.triton import EmbeddedTriton, free_port
 from stream.settings import Settings
 from stream.tower import TritonTower
@@ -113,6 +115,27 @@ def redis_db(redis_server: EmbeddedRedis) -> Iterator[Any]:
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedisCluster]:
+    """A real Redis Cluster: 3 valkey-server masters on loopback, assembled by `valkey-cli --cluster
+    create`, every slot served, no replicas, no persistence and no password (tests/stream/test_cluster.py
+    starts its own with a password and an ACL user)."""
+    cluster = EmbeddedRedisCluster(tmp_path_factory.mktemp("redis-cluster"), masters=3, persist=False)
+    cluster.start()
+    print(f"\nvalkey cluster ready in {cluster.start_seconds:.1f}s on ports {cluster.ports}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["valkey", "valkey-cluster"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """The key-value store a worker test runs on: the single server, then the cluster (redis+cluster://);
+    the cluster starts only when a test asks for it."""
+    if request.param == "valkey":
+        return str(request.getfixturevalue("redis_url"))
+    return str(request.getfixturevalue("redis_cluster").url)
 
 
 @pytest.fixture

@@ -97,12 +97,51 @@ def test_addresses_point_at_services_and_ports_of_the_stack() -> None:
         assert host in services()[triton]["networks"]["default"]["aliases"] and int(port) in service_ports(
             triton
         )
-    redis = urlsplit(env["MIND_REDIS_URL"])
+    redis = urlsplit(interpolate(env["MIND_REDIS_URL"]))  # the default: the single server
     assert names[redis.hostname] == "redis" and redis.port == DEFAULTS.embedded_redis_port
     assert redis.port in service_ports("redis")
     milvus = urlsplit(env["MIND_MILVUS_URI"])
     assert names[milvus.hostname] == "milvus" and milvus.port == DEFAULTS.embedded_milvus_port
     assert milvus.port in service_ports("milvus")
+
+
+REDIS_NODES = ("redis-node-1", "redis-node-2", "redis-node-3")
+
+
+def test_the_redis_cluster_profile_is_three_masters_assembled_by_a_job() -> None:
+    """Profile redis-cluster: three cluster-mode masters, each with its own volume, password and persistence,
+    a create job naming all three (no replicas), and the URL that switches the mind containers to it."""
+    assert "profiles" not in services()["redis"]  # the default stays the single server
+    for name in REDIS_NODES:
+        svc = services()[name]
+        assert svc["profiles"] == ["redis-cluster"] and svc["hostname"] == name
+        assert svc["image"].startswith("valkey/valkey:")
+        cmd = " ".join(svc["command"])
+        for flag in ("--cluster-enabled yes", "--appendonly yes", '--requirepass "$$REDIS_PASSWORD"'):
+            assert flag in cmd, f"{name}: {flag}"
+        assert "--cluster-config-file /data/nodes.conf" in cmd and mounts(name)["/data"] == f"{name}-data"
+        assert f"{name}-data" in compose()["volumes"]
+        assert is_interpolated(svc["environment"]["REDIS_PASSWORD"])
+        assert {6379, 16379} <= service_ports(name)
+    job = services()["redis-cluster-create"]
+    cmd = " ".join(job["command"])
+    assert job["profiles"] == ["redis-cluster"] and job["restart"] == "no"
+    assert "--cluster create" in cmd and "--cluster-replicas 0 --cluster-yes" in cmd
+    assert all(f"getent hosts {n} " in cmd for n in REDIS_NODES)
+    assert set(job["depends_on"]) == set(REDIS_NODES)
+    assert is_interpolated(job["environment"]["REDISCLI_AUTH"])  # not -a: no password on a command line
+    worker_dep = services()["worker"]["depends_on"]["redis-cluster-create"]
+    assert worker_dep == {"condition": "service_completed_successfully", "required": False}
+    # deploy/.env's MIND_REDIS_URL switches every mind container to the cluster
+    example = (DEPLOY / "env.example").read_text()
+    url = re.search(r"MIND_REDIS_URL=(\S+)", example)
+    assert url is not None and "redis-cluster" in example
+    env = service_env("worker")
+    raw = env["MIND_REDIS_URL"]
+    s = settings_from_env({**env, "MIND_REDIS_URL": interpolate(raw, {"MIND_REDIS_URL": url.group(1)})})
+    assert s.redis_cluster and not settings_from_env(env).redis_cluster
+    seed = urlsplit(s.redis_url)
+    assert hostnames()[seed.hostname] in REDIS_NODES and seed.port in service_ports("redis-node-1")
 
 
 def test_triton_serves_the_settings_model_from_the_shared_repository() -> None:

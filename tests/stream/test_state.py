@@ -1,7 +1,10 @@
-"""stream.state against a real Valkey: windows and offsets applied atomically, replays skipped."""
+"""stream.state against a real Valkey: windows and offsets applied atomically, replays skipped. Every test
+that takes `redis_db` runs twice: on the single server and on the 3-master cluster (EVALSHA routed by the
+partition's slot, pipelines split by node)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,6 +21,17 @@ from stream.embedded.redis import free_port
 from stream.state import UserClicks, Window, WindowState, fence
 
 TOPIC = "clicks-state"
+
+
+@pytest.fixture(params=["valkey", "valkey-cluster"])
+def redis_db(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A client whose store is empty when the test starts: the session's single server (conftest's
+    redis_db), or the session's cluster (FLUSHDB goes to every master)."""
+    server = request.getfixturevalue("redis_server" if request.param == "valkey" else "redis_cluster")
+    client: Any = server.client()
+    client.flushdb()
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -6,6 +6,9 @@ milvus-lite (the same model's item vectors).
 - a dependency failure pauses, retries and commits nothing until the batch succeeds;
 - two workers and a rebalance lose nothing;
 - kill -9 of a worker process mid-stream, twice, then restarts: every click is in its window exactly once.
+
+The first and the last run on the single Valkey server and again on a 3-master Valkey cluster
+(`store_url`); resharding under load is in test_cluster.py.
 """
 
 from __future__ import annotations
@@ -84,10 +87,11 @@ BAD = [
 
 
 def test_recall_equals_in_process_computation_and_bad_events_go_to_the_dlq(
-    worker_model: Any, kafka_bootstrap: str, redis_url: str, uid: str
+    worker_model: Any, kafka_bootstrap: str, store_url: str, uid: str
 ) -> None:
+    """Once on the single Valkey server, once on the 3-master cluster (store_url)."""
     wm = worker_model
-    s = wm.settings(kafka_bootstrap, redis_url, uid)
+    s = wm.settings(kafka_bootstrap, store_url, uid)
     setup_topics(s)
     users = [str(u) for u in range(24)]
     clicks = make_clicks(wm, uid, users, per_user=6, seed=1, unknown=0.08)
@@ -363,11 +367,12 @@ def spawn(tmp_path: Path) -> Iterator[Callable[[Path, Path], subprocess.Popen[by
 
 
 def test_kill_9_mid_stream_then_restart_applies_every_click_exactly_once(
-    worker_model: Any, kafka_bootstrap: str, redis_url: str, uid: str, tmp_path: Path, spawn: Any
+    worker_model: Any, kafka_bootstrap: str, store_url: str, uid: str, tmp_path: Path, spawn: Any
 ) -> None:
+    """Once on the single Valkey server, once on the 3-master cluster (store_url)."""
     wm = worker_model
     port = free_port()
-    s = wm.settings(kafka_bootstrap, redis_url, uid, window_len=64, batch_max=16, metrics_port=port)
+    s = wm.settings(kafka_bootstrap, store_url, uid, window_len=64, batch_max=16, metrics_port=port)
     setup_topics(s)
     config = tmp_path / "worker.json"
     config.write_text(
