@@ -165,7 +165,8 @@ def roll_cmd(
         steps = ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items() if k != "total")
         typer.echo(
             f"{res.model_name}: Triton version {res.old_version or '-'} -> {res.new_version}, index "
-            f"{res.previous_index or '-'} -> {res.index_version} ({res.rows} items) in "
+            f"{res.previous_index or '-'} -> {res.index_version} ({res.rows} items, {res.cold_items} from "
+            f"the catalogue{', new vocabulary' if res.vocabulary_changed else ''}) in "
             f"{res.timings['total']:.1f}s ({steps})"
         )
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from confluent_kafka import Producer
+from typer.testing import CliRunner
 from workerkit import Reader, Running, covers, metric, publish, setup_topics, until
 
 from indexer.store import ItemIndex
@@ -341,5 +342,25 @@ def test_a_model_retrained_with_the_new_items_rolls_out_and_the_worker_follows_i
     got = index.client.query(index.collection("v2"), filter=f"id == {view2.n_items}", output_fields=["vec"])
     e7 = model2.embed_items(torch.tensor([view2.n_items]), torch.as_tensor(view2.side_rows([view2.n_items])))
     np.testing.assert_allclose(np.asarray(got[0]["vec"]), e7.detach().numpy()[0], atol=1e-5)
+
+    # `mind catalogue --file` against the same servers: the next item lands in the version now active
+    from cli.app import app
+
+    more = tmp_path / "more.jsonl"
+    more.write_bytes(dump_catalog_record(CatalogRecord("new-4", ("category=8",))) + b"\n")
+    env = {
+        "MIND_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "MIND_REDIS_URL": redis_url,
+        "MIND_MILVUS_URI": milvus_uri,
+        "MIND_MILVUS_PREFIX": s.milvus_prefix,
+        "MIND_CATALOG_DLQ_TOPIC": s.catalog_dlq_topic,
+        "MIND_RUN_DIR": str(tmp_path / "no-stack"),
+    }
+    res = CliRunner().invoke(app, ["catalogue", "--file", str(more), "--no-progress"], env=env)
+    assert res.exit_code == 0, res.output
+    assert "1 records (1 new items), 1 indexed into v2" in res.output
+    live.sync(force=True)
+    (new4,) = view2.cold_of(["new-4"])
+    assert index.client.query(index.collection("v2"), filter=f"id == {new4}", output_fields=["id"])
     index.close()
     client.close()
