@@ -121,6 +121,47 @@ def bench_serving(
     typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {res['seconds']:.0f} s")
 
 
+@bench.command("coldstart")
+def bench_coldstart(
+    data: Annotated[Path, typer.Option("--data", envvar="MIND_DATA", help="Data set (file or directory).")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Results JSON; default reports/coldstart_<data set>.json."),
+    ] = None,
+    holdout: Annotated[
+        str, typer.Option(help="auto (latest with timestamps, else random) | latest | random")
+    ] = "auto",
+    fraction: Annotated[float, typer.Option(min=0.01, max=0.9, help="Share of the items held out.")] = 0.1,
+    budget: Annotated[float, typer.Option(min=1.0, help="Training seconds per model.")] = 600.0,
+    threads: Annotated[int, typer.Option(min=0, help="Torch threads (0 = default).")] = 1,
+    checkpoints: Annotated[
+        Path, typer.Option(help="Where the models are kept (reused when trained on the same data).")
+    ] = Path("runs/coldstart"),
+    unknown_rate: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=0.9, help="> 0: also score a model trained for cold start (train --unknown-rate)."
+        ),
+    ] = 0.1,
+) -> None:
+    """Cold start: hold items out of training, feed them through the catalogue, score three ways."""
+    with harness_extra():
+        from harness.coldstart import ColdstartConfig, run, table
+
+    if holdout not in ("auto", "latest", "random"):
+        raise typer.BadParameter("auto, latest or random", param_hint="--holdout")
+    cfg = ColdstartConfig(
+        holdout=holdout, fraction=fraction, budget_s=budget, threads=threads, unknown_rate=unknown_rate
+    )
+    target = out or Path("reports") / f"coldstart_{data.name if data.is_dir() else data.stem}.json"
+    try:
+        res = run(data, target, cfg, checkpoints, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError) as exc:
+        raise fail(exc) from None
+    typer.echo(table(res))
+    typer.echo(f"\nwrote {target} in {res['seconds']['total']:.0f} s")
+
+
 @bench.command("pipeline")
 def bench_pipeline(
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("benchmarks/pipeline.json"),

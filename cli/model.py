@@ -63,6 +63,16 @@ def train(
     seed: SEED_ = 42,
     budget: BUDGET_ = 600.0,
     threads: THREADS_ = 0,
+    unknown_rate: Annotated[
+        float,
+        typer.Option(
+            "--unknown-rate",
+            min=0.0,
+            max=0.9,
+            envvar="MIND_UNKNOWN_RATE",
+            help="Cold start: share of items each step treats as unknown (side ids only); 0 = off.",
+        ),
+    ] = 0.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train one model on the training users (early-stopped on the validation users) and save it.
@@ -96,6 +106,7 @@ def train(
             seed=seed,
             max_seconds=budget,
             threads=threads,
+            unknown_rate=unknown_rate,
         )
         torch.manual_seed(seed)
         net = MIND(cfg)
@@ -282,15 +293,27 @@ def index_cmd(
             help="FLAT, IVF_FLAT, ...; default: chosen by catalogue size (FLAT below 100k items).",
         ),
     ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            envvar="MIND_REDIS_URL",
+            help="Full mode: publish the version to the item catalogue there and index its new items too.",
+        ),
+    ] = None,
 ) -> None:
     """Embed the whole catalogue with the checkpoint's model and index it as its exported version."""
 
+    import redis
+
     from indexer.store import IndexUnavailable, InvalidQuery, VersionMismatch
     from mind.train import load_checkpoint
+    from stream.catalogue import CatalogueStore
     from workflows.serving import ServingError, index_checkpoint, read_item_ids
 
     if incremental != (items is not None):
         raise typer.BadParameter("--incremental and --items go together", param_hint="--items")
+    store = CatalogueStore(redis.Redis.from_url(redis_url), prefix) if redis_url and not incremental else None
     try:
         changed = read_item_ids(items, load_checkpoint(checkpoint)[1]["item_vocab"]) if items else None
         stats = index_checkpoint(
@@ -306,6 +329,7 @@ def index_cmd(
             prefix=prefix,
             token=os.environ.get("MIND_MILVUS_TOKEN"),
             index_type=index_type,
+            catalogue=store,
         )
     except (ServingError, IndexUnavailable, VersionMismatch, InvalidQuery, FileNotFoundError) as exc:
         raise fail(exc) from None

@@ -1,5 +1,5 @@
-"""The workflow commands of `mind`: demo (everything end to end), replay (streaming vs offline) and roll
-(a new model version while workers run)."""
+"""The workflow commands of `mind`: demo (everything end to end), replay (streaming vs offline), roll
+(a new model version while workers run) and catalogue (new items, cold start)."""
 
 from __future__ import annotations
 
@@ -165,6 +165,72 @@ def roll_cmd(
         steps = ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items() if k != "total")
         typer.echo(
             f"{res.model_name}: Triton version {res.old_version or '-'} -> {res.new_version}, index "
-            f"{res.previous_index or '-'} -> {res.index_version} ({res.rows} items) in "
+            f"{res.previous_index or '-'} -> {res.index_version} ({res.rows} items, {res.cold_items} from "
+            f"the catalogue{', new vocabulary' if res.vocabulary_changed else ''}) in "
             f"{res.timings['total']:.1f}s ({steps})"
         )
+
+
+@commands.command("catalogue")
+def catalogue_cmd(
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file",
+            "-f",
+            exists=True,
+            dir_okay=False,
+            help="A JSONL file of catalog.v1 records to apply once; default: consume the catalogue topic.",
+        ),
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option("--prefix", help="Index collection prefix (default: MIND_MILVUS_PREFIX).")
+    ] = None,
+    idle_exit: Annotated[
+        float | None,
+        typer.Option(help="With the topic: stop after this many seconds without a record (default: run on)."),
+    ] = None,
+    config: Config = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Addresses left unset come from the stack running here.")
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+) -> None:
+    """New items before the next training: catalogue records -> catalogue -> the active index (cold start).
+
+    Each record (item id, side ids) gets the next index beyond the served vocabulary and a vector from its
+    side ids; workers learn it without a restart. Bad records go to the catalogue DLQ topic
+    (docs/coldstart.md)."""
+    from confluent_kafka import Producer
+
+    from indexer.store import ItemIndex
+    from stream.catalogue import CatalogueStore
+    from stream.settings import kafka_config, redis_client
+    from stream.worker import addresses
+    from workflows.catalogue import CatalogueFeed, FeedError, catalogue_consumer, feed_file, run_topic
+
+    setup_logging(False)
+    settings = settings_from(config, run_dir, milvus_prefix=prefix)
+    addr = addresses(settings)
+    token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
+    client = redis_client(settings, addr["redis"])
+    index = ItemIndex(addr["milvus"], token=token, prefix=settings.milvus_prefix)
+    producer = Producer(kafka_config(settings, "producer", bootstrap=addr["kafka"]))
+    try:
+        with interruptible("records applied so far stay; the rest is applied by the next run"):
+            feed = CatalogueFeed(CatalogueStore(client, settings.milvus_prefix), index)
+            if file is not None:
+                stats = feed_file(feed, file, producer, settings.catalog_dlq_topic, progress=progress)
+            else:
+                consumer = catalogue_consumer(settings, addr["kafka"])
+                stats = run_topic(feed, consumer, producer, settings, idle_exit_s=idle_exit)
+    except FeedError as exc:
+        raise fail(exc, 1) from None
+    finally:
+        index.close()
+        client.close()
+    typer.echo(
+        f"catalogue: {stats.records} records ({stats.new_items} new items), {stats.indexed} indexed into "
+        f"{', '.join(stats.versions) or '-'}, {stats.trained} already trained, {stats.blank} without a known "
+        f"side id, {stats.dead_letters} to {settings.catalog_dlq_topic}"
+    )

@@ -20,7 +20,9 @@ def item_vectors(
 ) -> np.ndarray:
     """e_i for every item index 0..M-1 (rows 0/1 = PAD/OOV included, as the indexer expects).
 
-    item_side [M, S] side ids per item (the table the model was trained with) -> float32 [M, d].
+    item_side [M, S] side ids per item (the table the model was trained with) -> float32 [M, d]. Rows from
+    n_items on are catalogue items newer than the model (cold start): the model embeds them from their side
+    ids alone, with the unknown item's id embedding (mind.model.MIND.embed_items).
     """
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
@@ -28,7 +30,7 @@ def item_vectors(
     if side.dim() != 2:
         raise ValueError(f"item_side must be [n_items, S], got shape {tuple(side.shape)}")
     m = side.shape[0]
-    if m != model.cfg.n_items:
+    if m < model.cfg.n_items:
         raise ValueError(f"item_side has {m} rows but the model's vocabulary has {model.cfg.n_items} items")
     out = np.empty((m, model.cfg.d), dtype=np.float32)
     was_training = model.training

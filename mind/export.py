@@ -5,7 +5,8 @@ Layout written (see model_repo/README.md)::
     repo/<model_name>/config.pbtxt      # one config for the model, rewritten by each export
     repo/<model_name>/<v>/model.pt      # TorchScript user tower
     repo/<model_name>/<v>/model.py      # copy of model_repo/python_model.py (Python backend)
-    repo/<model_name>/<v>/meta.json     # model_version, vocab_hash, K, d, max_len, S, P, vocab sizes, created
+    repo/<model_name>/<v>/meta.json     # model_version, vocab_hash, K, d, max_len, S, P, vocab sizes,
+                                        # created, items_beyond_vocab (ids >= n_items embedded: cold start)
     repo/<model_name>/<v>/item_side.npy # optional item -> side-id table the version was trained with
 
 Why fixed padded shapes (ITEM_IDS [L], SIDE_IDS [L,S], PROFILE_IDS [P]): Triton's dynamic batcher only
@@ -143,6 +144,22 @@ def to_torchscript(tower: nn.Module, example: tuple[torch.Tensor, ...]) -> torch
                 return torch.jit.trace(tower, example, check_trace=False)
 
 
+def maps_beyond_vocab(tower: nn.Module, example: tuple[torch.Tensor, ...], n_items: int | None) -> bool:
+    """Whether the tower embeds an item index >= n_items as the unknown item (1) with its own side ids, as
+    mind.model.MIND does for cold-start items; meta.json then lets the server accept such ids."""
+    if not n_items:
+        return False
+    items, rest = example[0], example[1:]
+    real = items >= 2
+    try:
+        with torch.inference_mode():
+            beyond, _ = tower(torch.where(real, items + n_items, items), *rest)
+            unknown, _ = tower(torch.where(real, torch.ones_like(items), items), *rest)
+    except Exception:  # noqa: BLE001 - e.g. an embedding that indexes out of range: it does not
+        return False
+    return bool(torch.equal(beyond, unknown))
+
+
 def _per_slot(name: str, vocab: int | Sequence[int] | None, n: int) -> list[int] | None:
     """One vocabulary size per slot (an int is shared by all slots, as in mind.model.MIND)."""
     if vocab is None:
@@ -221,6 +238,7 @@ def export_user_tower(
     diff = float((ref_i.float() - got_i.float()).abs().max())
     if diff > 1e-5 or not torch.equal(ref_a.bool(), got_a.bool()):
         raise ExportError(f"TorchScript tower differs from eager (max abs diff {diff:.3g} or active mask)")
+    beyond_vocab = maps_beyond_vocab(scripted, example, n_items)  # cold start: ids >= n_items accepted
 
     model_dir = repo / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -270,6 +288,7 @@ def export_user_tower(
             "side_vocab": side_vocab,
             "profile_vocab": profile_vocab,
             "has_item_side": item_side is not None,
+            "items_beyond_vocab": beyond_vocab,
             "torch": torch.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -153,6 +153,9 @@ class MIND(nn.Module):
     # ---- 1. embedding & pooling -------------------------------------------------------------
     def embed_items(self, item_ids: torch.Tensor, side_ids: torch.Tensor) -> torch.Tensor:
         """e_i = mean of the item embedding and its side-id embeddings. [...] , [...,S] -> [...,d]"""
+        # Cold start: an index >= n_items is a catalogue item newer than this model. Its id part is the
+        # unknown item's (OOV = 1) embedding and its side ids (from side_ids) carry what is known of it.
+        item_ids = torch.where(item_ids < self.item_emb.num_embeddings, item_ids, torch.ones_like(item_ids))
         e = self.item_emb(item_ids)  # [...,d]
         side = self.side_emb(side_ids)  # [...,S,d]   (row 0 is zero: "none" adds nothing)
         n = 1.0 + (side_ids > 0).sum(-1, keepdim=True).to(e.dtype)  # [...,1]

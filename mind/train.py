@@ -47,6 +47,9 @@ class TrainConfig:
     max_seconds: float = 600.0  # wall-clock budget for one model
     seed: int = 42
     threads: int = 0  # torch threads; 0 = torch's default
+    # cold start: each step treats this share of the items as unknown (side ids only, the unknown item's id
+    # embedding), so that the unknown item's embedding and the side ids learn what new items need; 0 = off
+    unknown_rate: float = 0.0
 
 
 @dataclass
@@ -280,6 +283,9 @@ def train(
     q = negative_distribution(inter.sequences, np.asarray(train_users), inter.n_items, cfg.neg_sampler)
     q = q.to(dev)
     log_q = torch.log(q.clamp(min=1e-12) * cfg.neg) if cfg.neg_sampler != "uniform" else None
+    n_items = model.cfg.n_items
+    if cfg.unknown_rate > 0 and log_q is not None:
+        log_q = torch.cat([log_q, log_q])  # an item made unknown (index + n_items) keeps its correction
     step: nn.Module | None = None
     if d.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -316,7 +322,12 @@ def train(
             idx = order[i : i + cfg.batch_size]
             ids, label, rows = H_t[idx], T_t[idx], U_t[idx]
             neg = torch.multinomial(q, cfg.neg, replacement=True)
-            args = (ids, side_t[ids], prof_t[rows], label, side_t[label], neg, side_t[neg], log_q)
+            sides = (side_t[ids], side_t[label], side_t[neg])
+            if cfg.unknown_rate > 0:  # these items, wherever they occur in the step, as cold-start items
+                unknown = torch.rand(n_items, device=dev) < cfg.unknown_rate
+                unknown[:2] = False
+                ids, label, neg = (torch.where(unknown[x], x + n_items, x) for x in (ids, label, neg))
+            args = (ids, sides[0], prof_t[rows], label, sides[1], neg, sides[2], log_q)
             loss = step(*args) if step is not None else model.loss(*args)
             opt.zero_grad(set_to_none=True)
             loss.backward()

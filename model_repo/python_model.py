@@ -68,7 +68,9 @@ class TritonPythonModel:
             warnings.simplefilter("ignore", DeprecationWarning)
             self.model = torch.jit.load(str(version_dir / "model.pt"), map_location=self.device).eval()
         m = self.meta
-        self.n_items: int | None = m.get("n_items")
+        # a tower that embeds ids >= n_items as the unknown item (cold-start catalogue items, mind.model)
+        # accepts them: only negative item ids are refused then
+        self.n_items: int | None = None if m.get("items_beyond_vocab") else m.get("n_items")
         self.side_vocab = np.asarray(m["side_vocab"], dtype=np.int64) if m.get("side_vocab") else None
         self.profile_vocab = (
             np.asarray(m["profile_vocab"], dtype=np.int64) if m.get("profile_vocab") else None

@@ -22,6 +22,7 @@ import orjson
 CLICK_V1 = "click.v1"
 RECALL_V1 = "recall.v1"
 DLQ_V1 = "dlq.v1"
+CATALOG_V1 = "catalog.v1"
 MAX_EVENT_BYTES = 65536
 # The DLQ copies at most this much of the original: an oversized payload, base64-inflated by 4/3, must
 # still fit in one Kafka message (1 MB by default), or the DLQ produce itself would fail.
@@ -55,6 +56,14 @@ class Click(NamedTuple):
     timestamp: float
     side_ids: tuple[str, ...] = ()
     profile_ids: tuple[str, ...] = ()
+
+
+class CatalogRecord(NamedTuple):
+    """A validated catalogue record: an item and its raw side ids (`field=value`), the newest wins."""
+
+    item_id: str
+    side_ids: tuple[str, ...] = ()
+    updated_at: float | None = None
 
 
 class Candidate(NamedTuple):
@@ -230,6 +239,26 @@ def dump_click(click: Click) -> bytes:
         d["side_ids"] = list(click.side_ids)
     if click.profile_ids:
         d["profile_ids"] = list(click.profile_ids)
+    return orjson.dumps(d)
+
+
+# ---- catalogue ----------------------------------------------------------------------------------------
+
+
+def parse_catalog_record(
+    raw: bytes | bytearray | memoryview | None, max_bytes: int = MAX_EVENT_BYTES
+) -> CatalogRecord:
+    """Bytes from `catalog` (or one JSONL line) -> CatalogRecord, or InvalidEvent (the DLQ's reason)."""
+    obj = _parse_object(raw, CATALOG_V1, max_bytes)
+    at = obj.get("updated_at")
+    return CatalogRecord(obj["item_id"], tuple(obj["side_ids"]), None if at is None else float(at))
+
+
+def dump_catalog_record(record: CatalogRecord) -> bytes:
+    """CatalogRecord -> catalog.v1 bytes (what tests and tools publish)."""
+    d: dict[str, Any] = {"schema": CATALOG_V1, "item_id": record.item_id, "side_ids": list(record.side_ids)}
+    if record.updated_at is not None:
+        d["updated_at"] = record.updated_at
     return orjson.dumps(d)
 
 

@@ -120,6 +120,13 @@ class Settings(BaseSettings):
     dlq_retention_ms: int = Field(
         30 * 24 * 3600 * 1000, description="Keep dead letters 30 days; -1 = forever."
     )
+    catalog_topic: str = Field(
+        "catalog", description="Catalogue records (catalog.v1) keyed by item id, compacted: the feed's input."
+    )
+    catalog_dlq_topic: str = Field(
+        "catalog.dlq", description="Bad catalogue records (dlq.v1, from the topic or a JSONL file)."
+    )
+    catalog_partitions: int = Field(1, ge=1, description="Partitions of the catalogue topic.")
     group_id: str = "mind-worker"
     session_timeout_ms: int = Field(
         6000, ge=1, description="A group's first join on Tansu waits about half of this (DESIGN.md)."
@@ -202,6 +209,16 @@ class Settings(BaseSettings):
         description="Event ids remembered per partition; a click with one of them is skipped (0 = off).",
     )
     recall_n: int = Field(50, ge=1, description="Candidates per recall message.")
+    catalog_enabled: bool = Field(
+        True,
+        description="Follow the item catalogue in the key-value store: new items, side ids, published "
+        "vocabularies (false = the checkpoint's vocabulary only, unknown items stay the unknown item).",
+    )
+    catalog_refresh_s: float = Field(
+        1.0,
+        ge=0,
+        description="Longest the worker goes without reading the catalogue (unknown items read it at once).",
+    )
     max_event_bytes: int = Field(65536, ge=64, description="Bigger click payloads go to the DLQ (too_large).")
     max_future_skew_s: float = Field(
         300.0, ge=0, description="Clicks stamped further ahead are dead-lettered."
@@ -275,7 +292,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"a Redis Cluster has only database 0, and redis_url names database {db}")
         return self
 
-    @field_validator("clicks_topic", "recall_topic", "dlq_topic")
+    @field_validator("clicks_topic", "recall_topic", "dlq_topic", "catalog_topic", "catalog_dlq_topic")
     @classmethod
     def _legal_topic(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", v) or v in (".", ".."):

@@ -1,4 +1,5 @@
-"""The topics as code: `clicks`, compacted `recall`, long-retention `clicks.dlq`, created idempotently.
+"""The topics as code: `clicks`, compacted `recall`, long-retention `clicks.dlq`, compacted `catalog` and its
+`catalog.dlq`, created idempotently.
 
 `recall` is compacted because it is keyed by user id: the topic then keeps at least the latest candidate
 list per user, which is what the candidate view materialises. Existing topics are never altered (adding
@@ -38,6 +39,19 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         ),
         TopicSpec(
             settings.dlq_topic,
+            settings.dlq_partitions,
+            settings.replication,
+            {"retention.ms": str(settings.dlq_retention_ms)},
+        ),
+        # the catalogue: the latest record per item is what counts, so compacted like recall
+        TopicSpec(
+            settings.catalog_topic,
+            settings.catalog_partitions,
+            settings.replication,
+            {"cleanup.policy": "compact"},
+        ),
+        TopicSpec(
+            settings.catalog_dlq_topic,
             settings.dlq_partitions,
             settings.replication,
             {"retention.ms": str(settings.dlq_retention_ms)},

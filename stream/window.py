@@ -3,10 +3,12 @@
 Nothing here does I/O (except `load_catalog`, which reads the checkpoint once at start), so the rules the
 worker applies can be tested, and reasoned about, without any server.
 
-Unknown items (an item id that is not in the model's vocabulary): the click is kept and the item enters
-the window as the out-of-vocabulary index (mind.dataset.OOV = 1), and `mind_worker_unknown_items_total`
-counts it. Why not the DLQ: a new item is normal catalogue growth between two trainings, not a broken
-message, and a dead-letter queue that fills with healthy events stops being a signal. Keeping the click
+Unknown items (an item id that neither the model's vocabulary nor the catalogue, stream/catalogue.py,
+knows): the click is kept and the item enters the window as the out-of-vocabulary index (mind.dataset.OOV
+= 1), and `mind_worker_unknown_items_total` counts it. An item the catalogue knows enters under its global
+id instead, with its catalogue side ids. Why not the DLQ: a new item is normal catalogue growth between
+two trainings, not a broken message, and a dead-letter queue that fills with healthy events stops being a
+signal. Keeping the click
 keeps the window honest (its length sets K'_u = log2 |I_u|, its order sets which behaviours are most
 recent), the user still gets a fresh recall for every click, and OOV itself is never recalled (the index
 never holds rows 0/1). The counter says when a retrain is due. See stream/README.md.

@@ -73,6 +73,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, retry_if_exce
 from indexer.store import MAX_TOPK, IndexUnavailable, InvalidQuery, ItemIndex, VersionMismatch
 from mind.dataset import OOV
 from stream import health, metrics
+from stream.catalogue import CatalogueStore, LiveCatalog, VersionView
 from stream.fetch import available
 from stream.recall import Recaller
 from stream.schemas import Click, InvalidEvent, dlq_record_for, dump_recall, parse_click
@@ -167,6 +168,8 @@ class Batch:
     log_generation: dict[int, int] = field(default_factory=dict)  # per partition, from the window script
     recalls: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    view: VersionView | None = None  # the served vocabulary's view: tower input to recall message, one only
+    resolved: bool = False  # clicks on items unknown at parse time were looked up in the catalogue
 
     @property
     def group_list(self) -> list[UserBatch]:
@@ -195,7 +198,7 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        catalog: Catalog,
+        catalog: Catalog | LiveCatalog,
         state: WindowState,
         tower: TritonTower,
         recaller: Recaller,
@@ -209,12 +212,16 @@ class Worker:
         producer_factory: Callable[[], Producer] | None = None,
     ) -> None:
         self.settings, self.catalog, self.state = settings, catalog, state
+        # raw ids -> global ids and the served vocabulary's view (stream/catalogue.py); a plain Catalog is
+        # the checkpoint alone: no catalogue items, the served vocabulary must be the checkpoint's
+        self.live = catalog if isinstance(catalog, LiveCatalog) else LiveCatalog(catalog)
         self.tower, self.recaller, self.producer, self.consumer = tower, recaller, producer, consumer
         self.drop_seen, self.retry_max_s = drop_seen, retry_max_s
         self.flush_timeout_s, self.lag_interval_s = flush_timeout_s, lag_interval_s
         self.producer_factory = producer_factory
-        self.max_len = check_tower_fit(settings, catalog, tower)
-        self._checked_versions: dict[str, str] = {}  # served Triton version -> model_version
+        self.max_len = check_tower_fit(settings, self.live.catalog, tower)
+        # served Triton version -> (model_version, vocab_hash)
+        self._checked_versions: dict[str, tuple[str, str]] = {}
         self._stop = threading.Event()
         self._revocations = 0  # bumped by every revocation; a batch compares it with its start value
         self._assignments = 0  # bumped by every assignment (empty ones too): a round ended
@@ -262,27 +269,58 @@ class Worker:
                     metrics.DLQ.labels(code).inc()
                     log.info("dead letter", code=code, partition=tp[1], offset=off, reason=str(exc)[:200])
                     continue
-                item = self.catalog.item_index(click.item_id)
-                if item == OOV:
-                    metrics.UNKNOWN_ITEMS.inc()
-                batch.clicks.append(Indexed(tp[1], off, click, item))
+                # a global id (stream/catalogue.py); an item unknown here is looked up again in the head
+                batch.clicks.append(Indexed(tp[1], off, click, self.live.item_index(click.item_id)))
             batch.groups = group_by_user(batch.clicks)
         return batch
 
-    def _model_version(self, served: str) -> str:
-        """The served version's model_version, after checking it was exported from our vocabulary."""
-        mv = self._checked_versions.get(served)
-        if mv is None:
+    def _served_view(self, served: str, view: VersionView) -> tuple[str, VersionView]:
+        """The served version's model_version and the view of its vocabulary: `view` when the served tower
+        was exported from it, else the vocabulary published for the served version (a roll to a model
+        retrained with other items: the worker follows it), else VocabMismatch."""
+        got = self._checked_versions.get(served)
+        if got is None:
             meta = self.tower.meta(served)
-            want = self.catalog.vocab_hash
-            if want and meta.vocab_hash != want:
-                raise VocabMismatch(
-                    f"Triton version {served} ({meta.model_version}) has vocab_hash {meta.vocab_hash}, "
-                    f"the worker's checkpoint {want}: item indices would mean other items. Deploy the "
-                    "worker with the checkpoint the tower was exported from."
-                )
-            mv = self._checked_versions[served] = meta.model_version
-        return mv
+            got = self._checked_versions[served] = (meta.model_version, meta.vocab_hash)
+        mv, vocab = got
+        if not view.vocab_hash or vocab == view.vocab_hash:
+            return mv, view
+        follow = self.live.follow(vocab)
+        if follow is None:
+            raise VocabMismatch(
+                f"Triton version {served} ({mv}) has vocab_hash {vocab}, the worker's catalogue "
+                f"{view.vocab_hash}, and no vocabulary {vocab} is published in the catalogue: item indices "
+                "would mean other items. Roll models out with `mind roll` (it publishes the vocabulary), or "
+                "deploy the worker with the checkpoint the tower was exported from."
+            )
+        log.info("served vocabulary changed: following it", served=served, vocab_hash=vocab)
+        return mv, follow
+
+    def _resolve_items(self, batch: Batch) -> None:
+        """Clicks on items unknown at parse time: read what the catalogue gained and map them again (the
+        record may have arrived just before the click). Otherwise the catalogue is read every
+        catalog_refresh_s. Items still unknown enter the window as the unknown item and are counted."""
+        if batch.resolved:
+            return
+        unknown = [k for k, c in enumerate(batch.clicks) if c.item == OOV]
+        self.live.sync(force=bool(unknown))
+        if unknown:
+            for k in unknown:
+                c = batch.clicks[k]
+                batch.clicks[k] = c._replace(item=self.live.item_index(c.click.item_id))
+            batch.groups = group_by_user(batch.clicks)
+        metrics.UNKNOWN_ITEMS.inc(sum(1 for k in unknown if batch.clicks[k].item == OOV))
+        batch.resolved = True
+
+    def _tower(self, batch: Batch, view: VersionView) -> tuple[np.ndarray, np.ndarray, str]:
+        """One tower call for the batch's windows as `view` maps them. A cold item goes to the tower as the
+        unknown item (ITEM_IDS = OOV) with its own side ids: exactly the embedding the model gives an index
+        >= n_items (mind.model.MIND.embed_items), and a tower exported before cold start answers it too."""
+        groups = batch.group_list
+        profiles = [view.profile_row(g.user_id, g.trigger.profile_ids) for g in groups]
+        items, side, prof = view.tower_inputs([w.items for w in batch.windows], profiles, self.max_len)
+        items = np.where(items >= view.n_items, OOV, items)
+        return self.tower.infer(items, side, prof)
 
     def _produce(self, topic: str, key: Any, value: bytes, on_delivery: Callable[..., None]) -> None:
         deadline = time.monotonic() + self.flush_timeout_s
@@ -325,6 +363,7 @@ class Worker:
         self.tail(batch)
 
     def _head(self, batch: Batch) -> None:
+        self._resolve_items(batch)
         groups = batch.group_list
         if not groups:
             return
@@ -353,13 +392,19 @@ class Worker:
                 for k, w in zip(ks, wins, strict=True):
                     windows[k] = w
             batch.windows = [w for w in windows if w is not None]
+            newest = max((max(w.items, default=0) for w in batch.windows), default=0)
+            if newest >= len(self.live.space):  # another worker read the catalogue further than this one
+                self.live.sync(force=True)
         with self._stage(batch, "triton"):
-            profiles = [self.catalog.profile_row(g.user_id, g.trigger.profile_ids) for g in groups]
-            items, side, prof = self.catalog.tower_inputs(
-                [w.items for w in batch.windows], profiles, self.max_len
-            )
-            batch.interests, batch.active, served = self.tower.infer(items, side, prof)
-            batch.model_version = self._model_version(served)
+            view = self.live.view()
+            batch.interests, batch.active, served = self._tower(batch, view)
+            batch.model_version, served_view = self._served_view(served, view)
+            if served_view is not view:  # another vocabulary serves now: redo the batch in it, never mix
+                batch.interests, batch.active, served = self._tower(batch, served_view)
+                batch.model_version, again = self._served_view(served, served_view)
+                if again is not served_view:
+                    raise VocabMismatch(f"the served vocabulary changed twice in one batch (now {served})")
+            batch.view = served_view
             # before any interest vector is written: tower and index must serve the same model version
             self.recaller.check_version(batch.model_version)
 
@@ -392,9 +437,13 @@ class Worker:
             # messages go out only once both are done, so a recall message implies its vectors are stored
             written = self._kv.submit(self._write_interests, batch)
             with self._stage(batch, "recall"):
-                seen = [w.items for w in batch.windows] if self.drop_seen else None
+                view = batch.view
+                assert view is not None
+                seen = [view.served(w.items).tolist() for w in batch.windows] if self.drop_seen else None
                 res = self.recaller.recall(batch.interests, batch.active, batch.model_version, seen=seen)
-                raw = self.catalog.raw_item
+                lists = res.as_lists()
+                if any(view.raw_item(i) is None for cands in lists for i, _, _ in cands):
+                    self.live.sync(force=True)  # the feed indexed an item after this worker last read
                 values = [
                     dump_recall(
                         g.user_id,
@@ -402,11 +451,11 @@ class Worker:
                         g.trigger.timestamp,
                         batch.model_version,
                         res.version,
-                        [(raw(i), sc, k) for i, sc, k in cands],
+                        [(r, sc, k) for i, sc, k in cands if (r := view.raw_item(i)) is not None],
                         click=(g.partition, g.fence),
                         fence=self.fence_of(batch, g),
                     )
-                    for g, cands in zip(groups, res.as_lists(), strict=True)
+                    for g, cands in zip(groups, lists, strict=True)
                 ]
             written.result()
         with self._stage(batch, "produce"):
@@ -932,6 +981,10 @@ def build_worker(
     state = WindowState(
         client, settings.clicks_topic, settings.window_len, event_memory=settings.event_id_memory
     )
+    live = LiveCatalog(catalog)
+    if settings.catalog_enabled:  # new items and published vocabularies (stream/catalogue.py)
+        store = CatalogueStore(client, settings.milvus_prefix)
+        live = _until_ready("redis", LiveCatalog(catalog, store, settings.catalog_refresh_s).attach, stop)
     tower = TritonTower(addr["triton"], settings.triton_model, settings.triton_timeout_s)
     _until_ready("triton", tower.config, stop)
     token = settings.milvus_token.get_secret_value() if settings.milvus_token else None
@@ -946,7 +999,7 @@ def build_worker(
     consumer = Consumer(kafka_config(settings, "consumer", bootstrap=addr["kafka"]))
     return worker_type(
         settings,
-        catalog,
+        live,
         state,
         tower,
         Recaller(index, settings.recall_n),

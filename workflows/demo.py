@@ -26,9 +26,10 @@ from mind.evaluate import plot_metric_vs_n
 from mind.experiment import run_offline, table
 from mind.split import comirec_split
 from mind.train import TrainConfig
+from stream.catalogue import CatalogueStore
 from stream.embedded.process import free_port
 from stream.embedded.stack import Stack, StackRunning, live_services, read_state, settings_for
-from stream.settings import Settings
+from stream.settings import Settings, redis_client
 from workflows.replay import plot_latency, replay
 from workflows.serving import export_checkpoint, index_checkpoint
 
@@ -59,7 +60,11 @@ def serving(checkpoint: Path, run_dir: Path, settings: Settings) -> Iterator[tup
         stack.start()
         s = settings_for(stack, settings)
         assert s.milvus_uri is not None
-        index_checkpoint(checkpoint, s.milvus_uri, repo=repo, prefix=s.milvus_prefix, progress=False)
+        # published to the catalogue too, so that `mind catalogue` can add new items to this stack
+        store = CatalogueStore(redis_client(s), s.milvus_prefix) if s.catalog_enabled else None
+        index_checkpoint(
+            checkpoint, s.milvus_uri, repo=repo, prefix=s.milvus_prefix, progress=False, catalogue=store
+        )
         yield s, str(version)
     finally:
         stack.stop()

@@ -2,15 +2,26 @@
 
 `roll(settings, checkpoint)` (and `mind roll`) takes a newly trained checkpoint to serving:
 
-  1 check    the checkpoint exists and has the served tower's item vocabulary and side-id table; Triton
-             and Milvus answer; the repository holds the version Triton serves
+  1 check    the checkpoint exists; its item vocabulary is the served tower's, or (with the catalogue)
+             any other; Triton, Milvus and the key-value store answer; the repository holds the version
+             Triton serves
   2 export   the user tower as the next numbered version N of the Triton model repository (mind.export)
-  3 embed    the whole catalogue's item vectors with the new model (indexer.catalogue)
-  4 index    a NEW collection `{prefix}_vN`, written and built (flushed, indexed, loaded); NOT flipped
+  3 embed    the whole catalogue's item vectors with the new model (indexer.catalogue): its trained items,
+             and the catalogue items it was not trained on (cold start: from their side ids alone). The
+             new vocabulary and N's cold-start tables are published in the catalogue (stream/catalogue.py)
+  4 index    a NEW collection `{prefix}_vN`, written and built (flushed, indexed, loaded), then the cold
+             items upserted; NOT flipped
   5 load     Triton loads N by explicit model control (RepositoryModelLoad; the repository's policy
              `latest {num_versions: 1}` makes N serve as soon as it is ready and unloads the old version)
-  6 flip     the index's active pointer -> vN, one atomic write
+  6 flip     the index's active pointer -> vN, one atomic write; then the catalogue records applied since
+             step 3 (the feed wrote them to v(N-1)) are embedded with N and upserted into vN
   7 cleanup  index versions retired longer ago than drop_grace_s are dropped (the previous one stays)
+
+A new item vocabulary (a model retrained with new items) is safe because the behaviour windows hold global
+item ids, which no model changes (stream/catalogue.py): the workers find the served version's vocabulary
+published in the catalogue and map the same windows through it, one vocabulary per batch
+(stream.worker.Worker._served_view). Without the catalogue (catalog_enabled = false) a new vocabulary is
+refused, as the windows would then hold another vocabulary's indices.
 
 Why load before flip. The worker asks Triton without pinning a version, then its recall step compares
 the answering tower's model_version with the index's active version and refuses a mismatch
@@ -53,9 +64,12 @@ from indexer.catalogue import item_vectors
 from indexer.store import ItemIndex, normalize_version
 from mind.export import list_versions, parse_config, read_meta
 from mind.train import load_checkpoint
-from stream.settings import Settings
+from stream.catalogue import CatalogueStore
+from stream.settings import Settings, redis_client
 from stream.tower import TowerError, TritonTower
+from stream.window import load_catalog
 from stream.worker import addresses
+from workflows.catalogue import cold_rows, publish_version, upsert_cold
 from workflows.serving import export_checkpoint
 
 log = logging.getLogger(__name__)
@@ -92,6 +106,8 @@ class RollResult:
     previous_index: str | None  # the index version active before
     rows: int  # items indexed
     dropped: list[str] = field(default_factory=list)  # old index versions dropped in cleanup
+    cold_items: int = 0  # catalogue items the new model was not trained on, indexed from their side ids
+    vocabulary_changed: bool = False  # the new model has another item vocabulary than the served one
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,14 +240,29 @@ def roll(
                 f"Triton serves version {old} of {name!r}, which is not in {repo_p / name} (versions "
                 f"{exported}): pass the model repository Triton serves (--repo / MIND_MODEL_REPO)",
             )
-        if old_meta is not None:
-            if old_meta.vocab_hash != vocab_hash:
-                raise RollError(
-                    "check",
-                    f"the checkpoint's item vocabulary ({vocab_hash}) is not the served tower's "
-                    f"({old_meta.vocab_hash}): the workers' windows hold item indices of the served "
-                    "vocabulary. Deploy it as a new model (other --model-name / prefix) with new workers",
+        store: CatalogueStore | None = None
+        if settings.catalog_enabled:
+            try:
+                client = redis_client(
+                    settings, addr["redis"], socket_timeout=10.0, socket_connect_timeout=5.0
                 )
+                closing.callback(client.close)
+                client.ping()
+                store = CatalogueStore(client, settings.milvus_prefix)
+            except Exception as exc:  # noqa: BLE001 - any failure here means "not reachable"
+                raise RollError(
+                    "check", f"the key-value store at {addr['redis']} (catalogue): {exc}"
+                ) from None
+        new_vocab = old_meta is not None and old_meta.vocab_hash != vocab_hash
+        if new_vocab and store is None:
+            raise RollError(
+                "check",
+                f"the checkpoint's item vocabulary ({vocab_hash}) is not the served tower's "
+                f"({old_meta.vocab_hash if old_meta else None}) and the catalogue is off (catalog_enabled): "
+                "the workers could not follow it. Deploy it as a new model (other --model-name / prefix) "
+                "with new workers, or roll with the catalogue on",
+            )
+        if old_meta is not None and not new_vocab:
             served_side = repo_p / name / old / "item_side.npy"
             new_side = _numpy(meta["item_side"]).astype(np.int64)
             if served_side.is_file() and not np.array_equal(np.load(served_side), new_side):
@@ -279,11 +310,17 @@ def roll(
 
             # ---- 3 embed, 4 index (written and built, not flipped) ----------------------------------
             step, t0 = "embed", time.perf_counter()
-            vectors = item_vectors(model, meta["item_side"], chunk=chunk, progress=progress)
-            done("embed", t0, f"{vectors.shape[0]} items x {vectors.shape[1]}")
+            side_table, cold, live, log_pos = meta["item_side"], [], None, 0
+            if store is not None:  # trained items, then the catalogue's items this model does not know
+                log_pos = store.log_length()  # records applied from here on are caught up after the flip
+                live = publish_version(store, load_catalog(Path(checkpoint)), model, index_version)
+                side_table, cold = live.view().side_table(), cold_rows(live.view())
+            vectors = item_vectors(model, side_table, chunk=chunk, progress=progress)
+            n_items = model.cfg.n_items
+            done("embed", t0, f"{n_items} items + {len(cold)} catalogue items x {vectors.shape[1]}")
             step, t0 = "index", time.perf_counter()
             stats = index_items(
-                vectors,
+                vectors[:n_items],
                 index_version,
                 index=index,
                 chunk=chunk,
@@ -291,7 +328,13 @@ def roll(
                 flip=False,
                 progress=progress,
             )
-            done("index", t0, f"{index.collection(index_version)}: {stats.rows} rows, built, not active yet")
+            if cold:
+                index.upsert(index_version, np.asarray(cold), vectors[cold], batch=chunk, progress=progress)
+            done(
+                "index",
+                t0,
+                f"{index.collection(index_version)}: {stats.rows} + {len(cold)} rows, built, not active yet",
+            )
 
             # ---- 5 load: Triton switches to N when it is ready, then unloads the old version --------
             step, t0, loaded = "load", time.perf_counter(), True
@@ -313,7 +356,18 @@ def roll(
             active = index.active_version(max_age_s=0)
             if active != index_version:
                 raise RollError("flip", f"the active index version reads {active!r} after the flip")
-            done("flip", t0, f"active index version {previous_index} -> {index_version}")
+            caught = 0
+            if store is not None and live is not None:  # records the feed wrote to the old version meanwhile
+                live.sync(force=True)
+                since = store.read_since(len(live.space.extras), log_pos)[1]
+                tables = store.load_tables(index_version)
+                if since and tables is not None:
+                    caught = upsert_cold(
+                        index, index_version, live.view(), tables, cold_rows(live.view(), since)
+                    )
+            done(
+                "flip", t0, f"active index version {previous_index} -> {index_version} (+{caught} caught up)"
+            )
         except BaseException as exc:
             undo_failed = ""
             if new is not None:
@@ -352,6 +406,8 @@ def roll(
         rows=stats.rows,
         dropped=dropped,
         timings=timings,
+        cold_items=len(cold),
+        vocabulary_changed=new_vocab,
     )
 
 

@@ -21,10 +21,14 @@ import torch
 
 from indexer.build import IndexStats, index_items
 from indexer.catalogue import item_vectors
+from indexer.store import ItemIndex
 from mind.dataset import Vocab
 from mind.export import export_user_tower, list_versions, read_meta
 from mind.model import MIND
 from mind.train import load_checkpoint
+from stream.catalogue import CatalogueStore
+from stream.window import load_catalog
+from workflows.catalogue import cold_rows, publish_version
 
 MODEL_NAME = "mind_user_tower"
 DEFAULT_REPO = Path("model_repo")
@@ -158,8 +162,9 @@ def resolve_version(
 def read_item_ids(path: str | Path, vocab: Vocab) -> np.ndarray:
     """Item indices for the raw item ids listed in a file (one per line; blank lines and # comments skip).
 
-    Unknown ids are refused: the model has no embedding for them, so a new item needs a retrained model
-    (export + full index); incremental mode re-embeds items whose side ids changed, or re-upserts rows.
+    Unknown ids are refused: this file names items of the checkpoint's vocabulary (incremental mode
+    re-embeds them, or re-upserts rows). A new item comes in through the catalogue (`mind catalogue`, a
+    catalog.v1 record with its side ids), which embeds it from its side ids until a retrain knows it.
     """
     raw = [ln.split("#", 1)[0].strip() for ln in Path(path).read_text().splitlines()]
     raw = [r for r in raw if r]
@@ -168,7 +173,8 @@ def read_item_ids(path: str | Path, vocab: Vocab) -> np.ndarray:
     if unknown:
         raise ServingError(
             f"{len(unknown)} item id(s) in {path} are not in the checkpoint's vocabulary "
-            f"(first: {unknown[:5]}); new items need a model that knows them: retrain, export, full index"
+            f"(first: {unknown[:5]}); add new items through the catalogue (`mind catalogue --file`, "
+            "records with their side ids), or retrain, export and index fully"
         )
     return ids
 
@@ -188,8 +194,13 @@ def index_checkpoint(
     token: str | None = None,
     progress: bool = True,
     index_type: str | None = None,
+    catalogue: CatalogueStore | None = None,
 ) -> IndexStats:
     """Embed the whole catalogue with the checkpoint's model and index it as its exported version.
+
+    catalogue (full mode): also publish the version to the catalogue (its vocabulary and cold-start tables,
+    stream/catalogue.py) and index the catalogue's items the model was not trained on, from their side ids,
+    before the flip; the catalogue feed can then add new items to this version. Incremental mode ignores it.
 
     Full mode writes a new collection, builds it, flips the active pointer, then drops versions retired
     more than drop_grace_s ago (None keeps them). Incremental mode upserts `changed_ids` into the active
@@ -199,6 +210,10 @@ def index_checkpoint(
     """
     model, meta = load_checkpoint(Path(ckpt))
     v = resolve_version(repo, model_name, str(meta["vocab_hash"]), model_digest(model), version)
+    if catalogue is not None and not incremental:
+        return _index_with_catalogue(
+            model, ckpt, v, uri, catalogue, chunk, drop_grace_s, token, prefix, progress, index_type
+        )
     vectors = item_vectors(model, _as_numpy(meta["item_side"]), chunk=chunk, progress=progress)
     return index_items(
         vectors,
@@ -213,3 +228,45 @@ def index_checkpoint(
         progress=progress,
         index_type=index_type,
     )
+
+
+def _index_with_catalogue(
+    model: MIND,
+    ckpt: str | Path,
+    version: int,
+    uri: str,
+    catalogue: CatalogueStore,
+    chunk: int,
+    drop_grace_s: float | None,
+    token: str | None,
+    prefix: str,
+    progress: bool,
+    index_type: str | None,
+) -> IndexStats:
+    """Full index of the trained items plus the catalogue's cold items (published first), then the flip."""
+    live = publish_version(catalogue, load_catalog(Path(ckpt)), model, version)
+    view = live.view()
+    cold = cold_rows(view)
+    vectors = item_vectors(model, view.side_table(), chunk=chunk, progress=progress)
+    index = ItemIndex(uri, token=token, prefix=prefix)
+    try:
+        stats = index_items(
+            vectors[: model.cfg.n_items],
+            version,
+            index=index,
+            chunk=chunk,
+            flip=False,
+            progress=progress,
+            index_type=index_type,
+        )
+        if cold:
+            index.upsert(stats.version, np.asarray(cold), vectors[cold], batch=chunk, progress=progress)
+        stats.previous = index.active_version(max_age_s=0)
+        index.flip(stats.version)
+        stats.active = stats.version
+        stats.rows += len(cold)
+        if drop_grace_s is not None:
+            stats.dropped = index.drop_old(grace_s=drop_grace_s)
+        return stats
+    finally:
+        index.close()

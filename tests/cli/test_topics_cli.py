@@ -1,5 +1,6 @@
-"""`mind topics`: the topics job of deploy/ creates clicks, compacted recall and the DLQ from the settings,
-reports what exists on a second run, and exits 1 when an existing topic differs from the settings."""
+"""`mind topics`: the topics job of deploy/ creates clicks, compacted recall, the DLQ and the catalogue topics
+from the settings, reports what exists on a second run, and exits 1 when an existing topic differs from the
+settings."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def test_topics_command_creates_reports_and_flags_mismatches(
         "MIND_CLICKS_TOPIC": f"clicks-{uid}",
         "MIND_RECALL_TOPIC": f"recall-{uid}",
         "MIND_DLQ_TOPIC": f"dlq-{uid}",
+        "MIND_CATALOG_TOPIC": f"catalog-{uid}",
+        "MIND_CATALOG_DLQ_TOPIC": f"catalog-{uid}.dlq",
         "MIND_PARTITIONS": "3",
         "MIND_RUN_DIR": str(tmp_path / "run"),
     }
@@ -32,6 +35,8 @@ def test_topics_command_creates_reports_and_flags_mismatches(
         f"clicks-{uid}": (True, 3),
         f"recall-{uid}": (True, 3),
         f"dlq-{uid}": (True, 1),
+        f"catalog-{uid}": (True, 1),
+        f"catalog-{uid}.dlq": (True, 1),
     }
     assert rows[f"recall-{uid}"]["config"] == {"cleanup.policy": "compact"}
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})

@@ -163,3 +163,19 @@ def test_empty_window_still_gives_one_active_interest(K):
     V, active = model(ids, torch.zeros(2, 12, 3, dtype=torch.long), torch.zeros(2, 2, dtype=torch.long))
     assert active.sum(-1).tolist() == [1, 1]
     assert torch.isfinite(V).all()
+
+
+def test_an_index_beyond_the_vocabulary_is_the_unknown_item_with_its_own_side_ids():
+    """Cold start: a catalogue item newer than the model (index >= n_items) is embedded from its side ids
+    with the unknown item's id embedding, in eager torch and TorchScript alike."""
+    model = _model()
+    ids, side, prof = _batch()
+    cold = torch.where(ids > 1, ids + 50 * (ids % 3 == 0), ids)  # every third real item: index >= n_items
+    unknown = torch.where(cold >= 50, torch.ones_like(ids), cold)
+    assert (cold >= 50).any()
+    assert torch.equal(model.embed_items(cold, side), model.embed_items(unknown, side))
+    V, active = model(cold, side, prof)
+    assert torch.equal(V, model(unknown, side, prof)[0])
+    scripted = torch.jit.script(model)
+    assert torch.allclose(scripted(cold, side, prof)[0], V, atol=1e-6)
+    assert torch.equal(scripted(cold, side, prof)[1], active)

@@ -72,3 +72,19 @@ def test_coupling_heatmap_is_written(planted, trained, tmp_path):
     assert np.allclose(w.sum(-1), 1.0, atol=1e-5)
     out = plot_coupling(w, tmp_path / "c.png")
     assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_for_cold_start_teaches_the_unknown_item(planted):
+    """unknown_rate: each step some items are cold-start items (side ids + the unknown item's id
+    embedding), so that embedding learns; without it the unknown item is never trained."""
+    inter, split = planted
+    users = np.asarray(split.train_users)[:100]
+    moved = {}
+    for rate in (0.0, 0.2):
+        torch.manual_seed(0)
+        model = MIND(model_config_for(inter, K=2, d=16, max_len=10))
+        before = model.item_emb.weight[1].detach().clone()
+        cfg = TrainConfig(epochs=1, neg=100, threads=1, unknown_rate=rate)
+        train(model, inter, users, split.valid[:20], cfg, progress=False)
+        moved[rate] = float((model.item_emb.weight[1].detach() - before).abs().max())
+    assert moved[0.0] == 0.0 and moved[0.2] > 1e-4

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from stream import schemas
 from stream.schemas import (
+    CATALOG_V1,
     CLICK_V1,
     DLQ_V1,
     ERROR_CODES,
@@ -39,7 +40,7 @@ from stream.schemas import (
 )
 
 DATA = Path(__file__).parent / "data"
-NAMES = (CLICK_V1, RECALL_V1, DLQ_V1)
+NAMES = (CLICK_V1, RECALL_V1, DLQ_V1, CATALOG_V1)
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -108,7 +109,7 @@ def _breaking_mutations(name: str) -> Iterator[tuple[str, dict[str, Any]]]:
             m = copy.deepcopy(base)
             _at(m, path)["type"] = "integer"
             yield f"{'/'.join(path)} number -> integer", m
-        if name != CLICK_V1:
+        if name not in (CLICK_V1, CATALOG_V1):  # the input contracts: every bound counts
             continue
         for kw, step in (
             ("maxLength", -1),

@@ -17,6 +17,8 @@ def _settings(uid: str, bootstrap: str, **kw: object) -> Settings:
         clicks_topic=f"clicks-{uid}",
         recall_topic=f"recall-{uid}",
         dlq_topic=f"clicks-{uid}.dlq",
+        catalog_topic=f"catalog-{uid}",
+        catalog_dlq_topic=f"catalog-{uid}.dlq",
         **kw,  # type: ignore[arg-type]
     )
 
@@ -29,6 +31,8 @@ def test_topics_created_idempotent_and_compacted(kafka_bootstrap: str, uid: str)
         s.clicks_topic: True,
         s.recall_topic: True,
         s.dlq_topic: True,
+        s.catalog_topic: True,
+        s.catalog_dlq_topic: True,
     }
     assert (
         first[s.clicks_topic].partitions,
@@ -38,8 +42,9 @@ def test_topics_created_idempotent_and_compacted(kafka_bootstrap: str, uid: str)
     md = admin.list_topics(timeout=10).topics
     assert len(md[s.clicks_topic].partitions) == 3 and len(md[s.dlq_topic].partitions) == 1
 
-    configs = describe_topic_configs(admin, [s.recall_topic, s.dlq_topic, s.clicks_topic])
+    configs = describe_topic_configs(admin, [s.recall_topic, s.dlq_topic, s.clicks_topic, s.catalog_topic])
     assert configs[s.recall_topic]["cleanup.policy"] == "compact"
+    assert configs[s.catalog_topic]["cleanup.policy"] == "compact"
     assert configs[s.dlq_topic]["retention.ms"] == "-1"
     assert configs[s.clicks_topic]["retention.ms"] == "86400000"
 

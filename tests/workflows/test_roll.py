@@ -173,9 +173,14 @@ def test_roll_while_clicks_flow_never_mixes_versions_and_loses_nothing(
 
 
 def test_a_failed_step_leaves_the_previous_version_serving(
-    triton: Any, milvus_uri: str, models: Models, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    triton: Any,
+    milvus_uri: str,
+    redis_url: str,
+    models: Models,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    s = serving_settings(triton, milvus_uri)
+    s = serving_settings(triton, milvus_uri, redis_url=redis_url)
     repo, name = triton.repo, s.triton_model
     roll(s, models.checkpoint, repo=repo, progress=False)
     tower = TritonTower(s.triton_url, name)
@@ -215,7 +220,8 @@ def test_a_failed_step_leaves_the_previous_version_serving(
     one = catalog.tower_inputs([[2, 3, 4]], [catalog.profile_row("0", [])], models.max_len)
     assert tower.infer(*one)[2] == "1"
 
-    # another data set's checkpoint is refused before anything changes
+    # without the catalogue, another item vocabulary is refused before anything changes (with it, the
+    # workers follow the new vocabulary: tests/workflows/test_catalogue.py)
     from mind.model import MIND
     from mind.synthetic import generate
     from mind.train import model_config_for, save_checkpoint
@@ -223,7 +229,9 @@ def test_a_failed_step_leaves_the_previous_version_serving(
     other = generate(n_users=30, n_items=300, n_categories=5, seq_len=(5, 10), seed=9)
     save_checkpoint(tmp_path / "other.pt", MIND(model_config_for(other, d=16, K=4, max_len=8)), other, None)
     with pytest.raises(RollError, match="item vocabulary") as err:
-        roll(s, tmp_path / "other.pt", repo=repo, progress=False)
+        roll(
+            s.model_copy(update={"catalog_enabled": False}), tmp_path / "other.pt", repo=repo, progress=False
+        )
     assert err.value.step == "check"
     serving_v1()
 
@@ -235,6 +243,7 @@ def test_a_failed_step_leaves_the_previous_version_serving(
         "MIND_MILVUS_URI": milvus_uri,
         "MIND_TRITON_MODEL": name,
         "MIND_MILVUS_PREFIX": s.milvus_prefix,
+        "MIND_REDIS_URL": redis_url,
         "MIND_RUN_DIR": str(tmp_path / "no-stack"),
     }
     argv = ["roll", "--checkpoint", str(models.checkpoint_v2), "--repo", str(repo), "--no-progress", "--json"]
