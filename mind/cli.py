@@ -141,6 +141,35 @@ THREADS_ = Annotated[
 ]
 
 
+SOFTMAX_ = Annotated[
+    str | None, typer.Option("--softmax", envvar="MIND_SOFTMAX", help="sampled | full (every item).")
+]
+HARD_BETA_ = Annotated[
+    float | None,
+    typer.Option(
+        "--hard-beta", envvar="MIND_HARD_BETA", help="Hard negatives: weight exp(beta*score); 0 = off."
+    ),
+]
+RR_ = Annotated[
+    float | None, typer.Option("--rr", envvar="MIND_RR", help="Routing regulariser weight; 0 = off.")
+]
+TIME_ = Annotated[
+    int | None,
+    typer.Option(
+        "--time-gaps", envvar="MIND_TIME_GAPS", help="Time-gap buckets (data with timestamps); 0 = off."
+    ),
+]
+RECENCY_ = Annotated[
+    int | None, typer.Option("--recency", envvar="MIND_RECENCY", help="Recency-rank embeddings; 0 = off.")
+]
+ALL_K_ = Annotated[
+    bool | None,
+    typer.Option(
+        "--dynamic-k/--all-interests", envvar="MIND_DYNAMIC_K", help="K' = log2 |I_u| (default) or always K."
+    ),
+]
+
+
 @app.command()
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint path.")] = Path("runs/mind.pt"),
@@ -155,27 +184,37 @@ def train(
     iters: ITERS_ = None,
     max_len: LEN_ = None,
     routing_init: INIT_ = None,
-    neg: NEG_ = 1000,
-    epochs: EPOCHS_ = 30,
-    lr: LR_ = 1e-3,
-    batch_size: BATCH_ = 256,
+    neg: Annotated[int | None, typer.Option("--neg", envvar="MIND_NEG", help="Sampled negatives.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", envvar="MIND_EPOCHS", help="Epoch cap.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", envvar="MIND_LR", help="Adam learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", envvar="MIND_BATCH_SIZE")] = None,
     seed: SEED_ = 42,
-    budget: BUDGET_ = 600.0,
+    budget: Annotated[
+        float | None,
+        typer.Option("--budget", envvar="MIND_BUDGET", help="Seconds per model (default: none)."),
+    ] = None,
     threads: THREADS_ = 0,
+    softmax: SOFTMAX_ = None,
+    hard_beta: HARD_BETA_ = None,
+    rr: RR_ = None,
+    time_gaps: TIME_ = None,
+    recency: RECENCY_ = None,
+    all_interests: ALL_K_ = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train one model on the training users (early-stopped on the validation users) and save it.
+    """Train one model on the training users (stopped when the validation users converge) and save it.
 
+    Settings not given come from the data set's rules (mind.experiment.rule_settings), as in `evaluate`.
     Under `torchrun --nproc_per_node=N -m mind.cli train ...` the same flags train data-parallel
     (DDP, --batch-size per process); rank 0 alone saves and prints (docs/training.md).
     """
     import numpy as np
     import torch
 
-    from mind.experiment import LEARNED
+    from mind.experiment import LEARNED, build, given, rule_settings
     from mind.model import MIND
     from mind.split import comirec_split
-    from mind.train import TrainConfig, distributed, model_config_for, save_checkpoint
+    from mind.train import distributed, save_checkpoint
     from mind.train import train as fit
 
     with distributed() as ddp:
@@ -184,18 +223,20 @@ def train(
             raise typer.BadParameter(f"choose one of {', '.join(LEARNED)}", param_hint="--model")
         inter = _load(data, fmt, skip_bad)
         split = comirec_split(inter)
-        cfg = model_config_for(
-            inter, **{**_model_overrides(K, d, p, sigma, iters, max_len, routing_init), **LEARNED[model]}
-        )
-        tcfg = TrainConfig(
+        mo = {**_model_overrides(K, d, p, sigma, iters, max_len, routing_init)}
+        mo.update(given(time_buckets=time_gaps, recency=recency, dynamic_k=all_interests))
+        to = given(
             epochs=epochs,
             lr=lr,
             neg=neg,
             batch_size=batch_size,
-            seed=seed,
             max_seconds=budget,
-            threads=threads,
+            softmax=softmax,
+            hard_beta=hard_beta,
+            rr=rr,
         )
+        settings = rule_settings(inter, split, model).merged(mo, {**to, "seed": seed, "threads": threads})
+        cfg, tcfg = build(inter, split, model, settings)
         torch.manual_seed(seed)
         net = MIND(cfg)
         res = fit(net, inter, np.asarray(split.train_users), split.valid, tcfg, ckpt=out, dist=ddp)
@@ -231,34 +272,72 @@ def evaluate(
     iters: ITERS_ = None,
     max_len: LEN_ = None,
     routing_init: INIT_ = None,
-    neg: NEG_ = 1000,
-    epochs: EPOCHS_ = 30,
-    lr: LR_ = 1e-3,
-    batch_size: BATCH_ = 256,
+    neg: Annotated[int | None, typer.Option("--neg", envvar="MIND_NEG", help="Sampled negatives.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", envvar="MIND_EPOCHS", help="Epoch cap.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", envvar="MIND_LR", help="Adam learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", envvar="MIND_BATCH_SIZE")] = None,
     seed: SEED_ = 42,
-    budget: BUDGET_ = 200.0,
+    budget: Annotated[
+        float | None,
+        typer.Option("--budget", envvar="MIND_BUDGET", help="Seconds per model (default: none)."),
+    ] = None,
     threads: THREADS_ = 0,
+    softmax: SOFTMAX_ = None,
+    hard_beta: HARD_BETA_ = None,
+    rr: RR_ = None,
+    time_gaps: TIME_ = None,
+    recency: RECENCY_ = None,
+    all_interests: ALL_K_ = None,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            "--seeds", min=1, envvar="MIND_SEEDS", help="Train each learned model with N seeds: mean ± s.e."
+        ),
+    ] = 1,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            "--tune", help="Choose window, K, lr and negatives per model by a search on the validation users."
+        ),
+    ] = False,
+    ablate: Annotated[
+        bool, typer.Option("--ablate", help="Also run the lever ablation of MIND-K on the validation users.")
+    ] = False,
     checkpoints: Annotated[
         Path | None, typer.Option(help="Directory to keep each model's checkpoint.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train every model, evaluate on the test users (ComiRec + MIND-paper protocols), write the report."""
-    from mind.experiment import run_offline, table
-    from mind.train import TrainConfig
+    """Train every model, evaluate on the test users (ComiRec + MIND-paper protocols), write the report.
+
+    Settings not given come from the data set's rules (or from --tune); the report records each one's source.
+    """
+    from mind.experiment import given, run_offline, table
 
     _setup_logging(verbose)
     inter = _load(data, fmt, skip_bad)
-    tcfg = TrainConfig(
-        epochs=epochs, lr=lr, neg=neg, batch_size=batch_size, seed=seed, max_seconds=budget, threads=threads
+    mo = {**_model_overrides(K, d, p, sigma, iters, max_len, routing_init)}
+    mo.update(given(time_buckets=time_gaps, recency=recency, dynamic_k=all_interests))
+    to = given(
+        epochs=epochs,
+        lr=lr,
+        neg=neg,
+        batch_size=batch_size,
+        max_seconds=budget,
+        softmax=softmax,
+        hard_beta=hard_beta,
+        rr=rr,
     )
     report = run_offline(
         inter,
         out=out,
         models=tuple(m.strip() for m in models.split(",") if m.strip()),
-        model_overrides=_model_overrides(K, d, p, sigma, iters, max_len, routing_init),
-        train_cfg=tcfg,
+        model_overrides=mo,
+        train_overrides={**to, "seed": seed, "threads": threads},
         checkpoint_dir=checkpoints,
+        seeds=seeds,
+        do_tune=tune,
+        do_ablate=ablate,
     )
     typer.echo(f"\n{report['dataset']}: {report['users']['test']} test users, ComiRec protocol\n")
     typer.echo(table(report))

@@ -119,6 +119,11 @@ DEFAULTS: dict[str, dict] = {
 }
 
 
+def given(**options: object) -> dict:
+    """The options a user actually gave (None = not given): what wins over rules and search."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def build(inter: Interactions, split: Split, name: str, settings: Settings) -> tuple[MINDConfig, TrainConfig]:
     """The model and training configs of `name` under `settings` (the model's fixed shape wins)."""
     cfg = model_config_for(inter, split.train_users, **{**settings.model, **LEARNED[name]})
@@ -151,11 +156,34 @@ def fit(
     return model, res
 
 
+def active_interests(model: MIND, inter: Interactions, cases: list) -> np.ndarray:
+    """K'_u per case: the number of interests the tower actually used."""
+    _, active = encode(
+        model,
+        inter,
+        [c.history for c in cases],
+        np.array([c.user for c in cases]),
+        times=case_times(inter, cases),
+    )
+    return active.sum(-1).cpu().numpy()
+
+
 def interests_reached(model: MIND, inter: Interactions, cases: list) -> dict[str, int]:
     """How many users got K' = 1, 2, ... active interests: the K that actually ran."""
-    _, active = encode(model, inter, [c.history for c in cases], np.array([c.user for c in cases]))
-    counts = np.bincount(active.sum(-1).cpu().numpy(), minlength=model.cfg.K + 1)
+    counts = np.bincount(active_interests(model, inter, cases), minlength=model.cfg.K + 1)
     return {str(k): int(counts[k]) for k in range(1, model.cfg.K + 1) if counts[k]}
+
+
+def by_interests(k_test: np.ndarray, per_user: dict[str, dict[str, np.ndarray]], metric: str) -> dict:
+    """Every model's `metric` on the test users grouped by MIND's K'_u: where multi-interest wins."""
+    out = {}
+    for k in np.unique(k_test).tolist():
+        sel = k_test == k
+        out[str(k)] = {
+            "users": int(sel.sum()),
+            **{m: float(v[metric][sel].mean()) for m, v in per_user.items()},
+        }
+    return out
 
 
 # ---- the search on the validation users ------------------------------------------------------------
@@ -388,6 +416,9 @@ def run_offline(
             report["paired"][f"{a}_vs_{b}"] = {
                 k: paired_difference(per_user[a][k], per_user[b][k]) for k in PAIRED_METRICS
             }
+    if "mind" in learned_models:
+        k_test = active_interests(learned_models["mind"], inter, split.test)
+        report["by_k_reached"] = {m: by_interests(k_test, per_user, m) for m in ("recall@50", "hr@50")}
     if do_ablate and "mind" in report["settings"]:
         base = Settings(**report["settings"]["mind"])
         report["ablation"] = ablate(inter, split, base, base_seed, progress)

@@ -57,6 +57,7 @@ class MINDConfig:
     init_seed: int = 0  # seeds the stored routing init used at inference
     routing_init: str = "kmeans++"  # "kmeans++" (the paper's future work) or "random" (N(0, sigma^2))
     time_buckets: int = 0  # behaviour-time embedding rows (log2 gap buckets + "unknown"); 0 = no time input
+    recency: int = 0  # recency-rank embedding rows (newest = rank 0, capped; + padding); 0 = off
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,6 +183,10 @@ class MIND(nn.Module):
         self.use_time = cfg.time_buckets > 1
         self.time_buckets = max(cfg.time_buckets, 2)
         self.time_emb = nn.Embedding(self.time_buckets, d, padding_idx=0)
+        # behaviour order when no clock is known: the rank of each behaviour counted from the newest
+        self.use_recency = cfg.recency > 1
+        self.recency = max(cfg.recency, 2)
+        self.recency_emb = nn.Embedding(self.recency, d, padding_idx=0)
         # 2. the bilinear map S shared by every behaviour/interest pair
         self.S = nn.Parameter(torch.empty(d, d))
         # fixed routing init for inference: serving must be deterministic per model version
@@ -198,8 +203,10 @@ class MIND(nn.Module):
         nn.init.normal_(self.profile_emb.weight, std=cfg.profile_dim**-0.5)
         nn.init.normal_(self.S, std=d**-0.5)
         nn.init.normal_(self.time_emb.weight, std=0.1 * d**-0.5)  # starts small: time only nudges e_i
+        nn.init.normal_(self.recency_emb.weight, std=0.1 * d**-0.5)
         with torch.no_grad():
             self.time_emb.weight[0].zero_()
+            self.recency_emb.weight[0].zero_()
             self.item_emb.weight[0].zero_()
             self.side_emb.weight[0].zero_()
             self.profile_emb.weight[0].zero_()
@@ -220,6 +227,11 @@ class MIND(nn.Module):
         item_ids [B,L], side_ids [B,L,S], times [B,L] or None -> [B,L,d]
         """
         e = self.embed_items(item_ids, side_ids)  # [B,L,d]
+        if self.use_recency:
+            mask = item_ids > 0  # [B,L]
+            rank = mask.sum(-1, keepdim=True) - 1 - torch.arange(item_ids.shape[1], device=item_ids.device)
+            idx = (1 + rank.clamp(min=0, max=self.recency - 2)) * mask  # [B,L] 1 = newest, 0 = padding
+            e = e + self.recency_emb(idx) * mask[..., None]  # [B,L,d]
         if self.use_time and times is not None:
             bucket = time_bucket(times * (item_ids > 0), self.time_buckets)  # [B,L], 0 = unknown
             e = e + self.time_emb(bucket) * (bucket > 0)[..., None]  # [B,L,d]

@@ -185,7 +185,7 @@ def test_log_q_correction_tends_to_the_full_softmax_under_a_skewed_sampler():
 
 
 def test_loss_backpropagates_into_every_part():
-    model = _model(time_buckets=16)
+    model = _model(time_buckets=16, recency=8)
     model.train()
     ids, side, prof = _batch()
     times = (1_700_000_000 + torch.arange(12) * 1000)[None, :].expand(6, 12) * (ids > 0)
