@@ -303,6 +303,12 @@ def evaluate(
     ablate: Annotated[
         bool, typer.Option("--ablate", help="Also run the lever ablation of MIND-K on the validation users.")
     ] = False,
+    levers: Annotated[
+        str | None,
+        typer.Option(
+            "--levers", help="Only these ablation levers, comma-separated (mind.experiment.LEVERS keys)."
+        ),
+    ] = None,
     checkpoints: Annotated[
         Path | None, typer.Option(help="Directory to keep each model's checkpoint.")
     ] = None,
@@ -338,6 +344,7 @@ def evaluate(
         seeds=seeds,
         do_tune=tune,
         do_ablate=ablate,
+        levers=tuple(x.strip() for x in levers.split(",")) if levers else None,
     )
     typer.echo(f"\n{report['dataset']}: {report['users']['test']} test users, ComiRec protocol\n")
     typer.echo(table(report))

@@ -251,49 +251,91 @@ def tune(
 
 
 # ---- the lever ablation on the validation users ----------------------------------------------------
-# lever, variant label, patch (model / train overrides), applies(inter) -> bool
-Lever = tuple[str, str, dict, Callable[[Interactions], bool]]
+@dataclass
+class Lever:
+    """One ablation line: flip one setting of MIND-K's defaults to an alternative."""
+
+    key: str  # short name for --levers
+    lever: str  # what the README's table calls it
+    variant: Callable[[Settings, MINDConfig, TrainConfig], tuple[str, dict]]  # -> (label, patch)
+    applies: Callable[[Interactions, MINDConfig], bool] = lambda inter, cfg: True
 
 
-def levers(inter: Interactions, split: Split) -> list[Lever]:
-    """One line per lever: the default against each alternative, all on MIND-K."""
-    lengths = np.array([len(inter.sequences[u]) for u in split.train_users.tolist()])
-    always: Callable[[Interactions], bool] = lambda _: True  # noqa: E731
-    return [
-        ("window L", "L = 50", {"model": {"max_len": 50}}, lambda _: np.percentile(lengths, 90) < 50),
-        ("K' reached", "K' = K for every user (no log2 rule)", {"model": {"dynamic_k": False}}, always),
-        ("K", "K = 2", {"model": {"K": 2}}, always),
-        ("K", "K = 8", {"model": {"K": 8}}, always),
-        ("routing init", "random N(0, 1) (the paper)", {"model": {"routing_init": "random"}}, always),
-        ("attention p", "p = 1 (soft)", {"model": {"p": 1.0}}, always),
-        ("attention p", "p = 0 (mean of interests)", {"model": {"p": 0.0}}, always),
-        ("softmax", "full softmax", {"train": {"softmax": "full"}}, always),
-        ("hard negatives", "IHN beta = 1", {"train": {"hard_beta": 1.0}}, always),
-        ("routing regulariser", "RR lambda = 100", {"train": {"rr": 100.0}}, always),
-        (
-            "time gaps",
-            "log2 gap buckets",
-            {"model": {"time_buckets": 32}},
-            lambda i: i.timestamps is not None,
-        ),
-    ]
+def _flip(key: str, on: object, off: object, what: str, part: str = "train") -> Callable:
+    """A lever that switches `key` between `on` and `off`, whichever the default is not."""
+
+    def variant(s: Settings, cfg: MINDConfig, tcfg: TrainConfig) -> tuple[str, dict]:
+        now = getattr(tcfg if part == "train" else cfg, key)
+        new = off if now == on else on
+        return f"{what} {key} = {new} (default {now})", {part: {key: new}}
+
+    return variant
 
 
-def ablate(inter: Interactions, split: Split, base: Settings, seed: int, progress: bool = True) -> dict:
-    """Train MIND-K with the defaults and with each lever flipped; validation metrics and deltas."""
-    out = {"base": valid_score(inter, split, "mind", base, seed, progress), "levers": []}
+LEVERS: list[Lever] = [
+    Lever(
+        "window",
+        "window L",
+        lambda s, c, t: (f"L = 50 (default {c.max_len})", {"model": {"max_len": 50}}),
+        lambda i, c: c.max_len < 50,
+    ),
+    Lever("dynamic_k", "K' reached", _flip("dynamic_k", True, False, "log2 rule:", "model")),
+    Lever("K2", "K", lambda s, c, t: (f"K = 2 (default {c.K})", {"model": {"K": 2}}), lambda i, c: c.K != 2),
+    Lever("K8", "K", lambda s, c, t: (f"K = 8 (default {c.K})", {"model": {"K": 8}}), lambda i, c: c.K != 8),
+    Lever("init", "routing init", _flip("routing_init", "kmeans++", "random", "init:", "model")),
+    Lever(
+        "p",
+        "attention p",
+        lambda s, c, t: (f"p = 1 (default {c.p})", {"model": {"p": 1.0}}),
+        lambda i, c: c.p != 1,
+    ),
+    Lever("softmax", "sampled vs full softmax", _flip("softmax", "sampled", "full", "softmax:")),
+    Lever("ihn", "hard negatives (REMI IHN)", _flip("hard_beta", 0.0, 1.0, "beta:")),
+    Lever("rr", "routing regulariser (REMI RR)", _flip("rr", 0.0, 100.0, "lambda:")),
+    Lever(
+        "time",
+        "time gaps",
+        _flip("time_buckets", 0, 32, "buckets:", "model"),
+        lambda i, c: i.timestamps is not None,
+    ),
+    Lever("recency", "recency ranks", _flip("recency", 0, 16, "ranks:", "model")),
+]
+
+
+def ablate(
+    inter: Interactions,
+    split: Split,
+    base: Settings,
+    seed: int,
+    progress: bool = True,
+    keys: tuple[str, ...] | None = None,
+    base_score: dict | None = None,
+) -> dict:
+    """Train MIND-K with its defaults and with each lever flipped; validation metrics and deltas.
+
+    keys: which levers (Lever.key; default all). base_score: the defaults' validation score when the
+    caller already trained them with the same seed (run_offline does), else it is trained here.
+    """
+    out = {"base": base_score or valid_score(inter, split, "mind", base, seed, progress), "levers": []}
     b = out["base"]["valid"]
-    for lever, label, patch, applies in levers(inter, split):
-        if not applies(inter):
-            out["levers"].append({"lever": lever, "variant": label, "applies": False})
+    cfg, tcfg = build(inter, split, "mind", base)
+    for lv in LEVERS:
+        if keys is not None and lv.key not in keys:
+            continue
+        label, patch = lv.variant(base, cfg, tcfg)
+        row: dict = {"key": lv.key, "lever": lv.lever, "variant": label, "patch": patch}
+        if not lv.applies(inter, cfg):
+            out["levers"].append({**row, "applies": False})
             continue
         r = valid_score(
             inter, split, "mind", base.merged(patch.get("model"), patch.get("train")), seed, progress
         )
         r["delta"] = {k: round(r["valid"][k] - b[k], 5) for k in ("recall@50", "hr@50", "recall@20")}
-        out["levers"].append({"lever": lever, "variant": label, "patch": patch, "applies": True, **r})
+        out["levers"].append({**row, "applies": True, **r})
         if progress:
-            print(f"ablation {lever} / {label}: delta recall@50 {r['delta']['recall@50']:+.4f}", flush=True)
+            print(
+                f"ablation {lv.lever} / {label}: delta recall@50 {r['delta']['recall@50']:+.4f}", flush=True
+            )
     return out
 
 
@@ -311,6 +353,7 @@ def run_offline(
     train_overrides: dict | None = None,
     do_tune: bool = False,
     do_ablate: bool = False,
+    levers: tuple[str, ...] | None = None,
 ) -> dict:
     """Train and evaluate every requested model; returns (and writes) the report dict.
 
@@ -386,6 +429,16 @@ def run_offline(
                 "k_reached_test": interests_reached(model0, inter, split.test),
             }
             report["train"][name] = _train_entry([r[1][1] for r in runs])
+            if name == "mind" and do_ablate:  # the defaults' own validation score is the ablation's base
+                res0 = runs[0][1][1]
+                base_score = {
+                    "valid": {k: round(v, 5) for k, v in res0.best_valid.items() if "comirec" not in k},
+                    "best_epoch": res0.best_epoch,
+                    "epochs_run": res0.epochs_run,
+                    "k_reached_valid": interests_reached(model0, inter, split.valid),
+                    "max_len": model0.cfg.max_len,
+                    "seconds": round(res0.seconds, 1),
+                }
         else:
             raise ValueError(f"unknown model {name!r}: choose from mostpop, itemcf, {', '.join(LEARNED)}")
         t_eval = time.perf_counter()
@@ -421,7 +474,7 @@ def run_offline(
         report["by_k_reached"] = {m: by_interests(k_test, per_user, m) for m in ("recall@50", "hr@50")}
     if do_ablate and "mind" in report["settings"]:
         base = Settings(**report["settings"]["mind"])
-        report["ablation"] = ablate(inter, split, base, base_seed, progress)
+        report["ablation"] = ablate(inter, split, base, base_seed, progress, levers, base_score)
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     if out is not None:
         write_report(report, Path(out))

@@ -184,3 +184,31 @@ def test_the_window_rule_reads_training_users_only():
         inter.sequences[u] = np.concatenate([inter.sequences[u]] * 5)  # held-out users get long histories
     assert model_config_for(inter, split.train_users).max_len == before
     assert model_config_for(inter).max_len > before  # (all users would have moved it)
+
+
+def test_ablation_flips_one_lever_against_the_defaults(tmp_path):
+    inter = generate(n_users=200, n_items=120, n_categories=6, seed=3)
+    inter.timestamps = None  # a data set without a clock, like Beauty
+    report = run_offline(
+        inter,
+        models=("mind",),
+        model_overrides={"d": 16},
+        train_overrides={"epochs": 1, "neg": 40, "threads": 1},
+        do_ablate=True,
+        levers=("ihn", "time", "K2"),
+        progress=False,
+    )
+    abl = report["ablation"]
+    assert abl["base"]["valid"]["recall@50"] == report["train"]["mind"]["valid_recall@50"]
+    rows = {r["key"]: r for r in abl["levers"]}
+    assert set(rows) == {"ihn", "time", "K2"}
+    assert rows["time"]["applies"] is False  # no timestamps, no time lever
+    ihn = rows["ihn"]
+    assert (
+        ihn["applies"]
+        and ihn["patch"]["train"]["hard_beta"] != report["config"]["train"]["mind"]["hard_beta"]
+    )
+    assert ihn["delta"]["recall@50"] == pytest.approx(
+        ihn["valid"]["recall@50"] - abl["base"]["valid"]["recall@50"]
+    )
+    assert rows["K2"]["max_len"] == report["interests"]["mind"]["max_len"]
