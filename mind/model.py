@@ -58,6 +58,8 @@ class MINDConfig:
     routing_init: str = "kmeans++"  # "kmeans++" (the paper's future work) or "random" (N(0, sigma^2))
     time_buckets: int = 0  # behaviour-time embedding rows (log2 gap buckets + "unknown"); 0 = no time input
     recency: int = 0  # recency-rank embedding rows (newest = rank 0, capped; + padding); 0 = off
+    time_into: str = "interest"  # "interest": each interest's mean time vector feeds its ReLU layers;
+    # "behaviour": the time vector is added to e_i before routing (it then moves the clustering too)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,7 +171,7 @@ class MIND(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, K, L = cfg.d, cfg.K, cfg.max_len
-        self.K, self.L, self.iters = K, L, cfg.iters
+        self.K, self.L, self.d, self.iters = K, L, d, cfg.iters
         self.dynamic_k = cfg.dynamic_k
         self.mean_pooling = cfg.pooling == "mean"
         self.stop_grad_routing = cfg.stop_grad_routing
@@ -192,9 +194,10 @@ class MIND(nn.Module):
         # fixed routing init for inference: serving must be deterministic per model version
         g = torch.Generator().manual_seed(cfg.init_seed)
         self.register_buffer("b_init", torch.randn(L, K, generator=g) * cfg.sigma)  # [L,K]
-        # 3. ReLU layers over [capsule; profile]
+        # 3. ReLU layers over [capsule; profile] (+ the interest's time vector)
+        self.time_per_interest = cfg.time_into == "interest" and (self.use_time or self.use_recency)
         self.mlp = nn.Sequential(
-            nn.Linear(d + cfg.n_profile_fields * cfg.profile_dim, cfg.hidden),
+            nn.Linear(d + cfg.n_profile_fields * cfg.profile_dim + d * self.time_per_interest, cfg.hidden),
             nn.ReLU(),
             nn.Linear(cfg.hidden, d),
         )
@@ -219,22 +222,29 @@ class MIND(nn.Module):
         n = 1.0 + (side_ids > 0).sum(-1, keepdim=True).to(e.dtype)  # [...,1]
         return (e + side.sum(-2)) / n  # [...,d]
 
+    def behaviour_time(self, item_ids: torch.Tensor, times: torch.Tensor | None) -> torch.Tensor:
+        """t_i: the embedding of each behaviour's time gap to the newest one and/or of its recency rank.
+
+        item_ids [B,L], times [B,L] or None -> [B,L,d] (zero for padding and unknown times)
+        """
+        mask = item_ids > 0  # [B,L]
+        t = torch.zeros(item_ids.shape[0], item_ids.shape[1], self.d, device=item_ids.device)
+        if self.use_recency:
+            rank = mask.sum(-1, keepdim=True) - 1 - torch.arange(item_ids.shape[1], device=item_ids.device)
+            idx = (1 + rank.clamp(min=0, max=self.recency - 2)) * mask  # [B,L] 1 = newest, 0 = padding
+            t = t + self.recency_emb(idx) * mask[..., None]  # [B,L,d]
+        if self.use_time and times is not None:
+            bucket = time_bucket(times * mask, self.time_buckets)  # [B,L], 0 = unknown
+            t = t + self.time_emb(bucket) * (bucket > 0)[..., None]  # [B,L,d]
+        return t
+
     def embed_behaviours(
         self, item_ids: torch.Tensor, side_ids: torch.Tensor, times: torch.Tensor | None
     ) -> torch.Tensor:
-        """e_i of the behaviours, plus the embedding of their time gap when the model uses time.
-
-        item_ids [B,L], side_ids [B,L,S], times [B,L] or None -> [B,L,d]
-        """
+        """e_i of the behaviours (+ t_i when time goes into the behaviours). -> [B,L,d]"""
         e = self.embed_items(item_ids, side_ids)  # [B,L,d]
-        if self.use_recency:
-            mask = item_ids > 0  # [B,L]
-            rank = mask.sum(-1, keepdim=True) - 1 - torch.arange(item_ids.shape[1], device=item_ids.device)
-            idx = (1 + rank.clamp(min=0, max=self.recency - 2)) * mask  # [B,L] 1 = newest, 0 = padding
-            e = e + self.recency_emb(idx) * mask[..., None]  # [B,L,d]
-        if self.use_time and times is not None:
-            bucket = time_bucket(times * (item_ids > 0), self.time_buckets)  # [B,L], 0 = unknown
-            e = e + self.time_emb(bucket) * (bucket > 0)[..., None]  # [B,L,d]
+        if (self.use_time or self.use_recency) and not self.time_per_interest:
+            e = e + self.behaviour_time(item_ids, times)  # [B,L,d]
         return e
 
     # ---- 2. B2I dynamic routing ------------------------------------------------------------
@@ -329,7 +339,11 @@ class MIND(nn.Module):
         u, k_active, w = self.capsules(item_ids, side_ids, times)  # [B,K,d], [B,K], [B,L,K]
         p_u = self.profile_emb(profile_ids).flatten(1)  # [B,P*profile_dim]
         p_u = p_u[:, None, :].expand(-1, self.K, -1)  # [B,K,P*profile_dim]
-        V = self.mlp(torch.cat([u, p_u], dim=-1))  # [B,K,d]  3. ReLU layers over [u_j; p_u]
+        x = [u, p_u]
+        if self.time_per_interest:  # when interest j's behaviours happened: sum_i w_ij t_i / sum_i w_ij
+            t = self.behaviour_time(item_ids, times)  # [B,L,d]
+            x.append(torch.einsum("blk,bld->bkd", w, t) / w.sum(1)[:, :, None].clamp(min=1e-9))  # [B,K,d]
+        V = self.mlp(torch.cat(x, dim=-1))  # [B,K,d]  3. ReLU layers over [u_j; p_u (; time_j)]
         V = V * k_active[:, :, None]  # inactive interests are zero
         return V, k_active, w
 
