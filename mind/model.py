@@ -55,7 +55,7 @@ class MINDConfig:
     pooling: str = "routing"  # "routing" (MIND) or "mean" (YouTube DNN)
     stop_grad_routing: bool = True  # no gradient through the logit updates of early iterations
     init_seed: int = 0  # seeds the stored routing init used at inference
-    routing_init: str = "kmeans++"  # "kmeans++" (the paper's future work) or "random" (N(0, sigma^2))
+    routing_init: str = "kmeans++"  # "kmeans++" / "cover" (seeded, the paper's future work) or "random"
     time_buckets: int = 0  # behaviour-time embedding rows (log2 gap buckets + "unknown"); 0 = no time input
     recency: int = 0  # recency-rank embedding rows (newest = rank 0, capped; + padding); 0 = off
     time_into: str = "interest"  # "interest": each interest's mean time vector feeds its ReLU layers;
@@ -176,7 +176,8 @@ class MIND(nn.Module):
         self.mean_pooling = cfg.pooling == "mean"
         self.stop_grad_routing = cfg.stop_grad_routing
         self.sigma = cfg.sigma
-        self.kmeans_init = cfg.routing_init == "kmeans++"
+        self.kmeans_init = cfg.routing_init in ("kmeans++", "cover")
+        self.cover_init = cfg.routing_init == "cover"
         # 1. embeddings: item ids, side ids (category, brand, ...), profile ids (age, gender, ...)
         self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=0)
         self.side_emb = nn.Embedding(max(cfg.n_side, 1), d, padding_idx=0)
@@ -277,9 +278,10 @@ class MIND(nn.Module):
         """The paper's future work: a K-means++-like routing init instead of random logits.
 
         Interest j starts at a seed behaviour: the newest behaviour first, then each next seed is
-        the behaviour farthest (in cosine) from the seeds so far. b_ij = u_j^T S e_i with
-        u_j = squash(S e_seed_j), i.e. one routing update from capsules placed at the seeds.
-        Se [B,L,d], mask [B,L] -> b [B,L,K]
+        the behaviour farthest (in cosine) from the seeds so far ("kmeans++"), or the one that brings
+        the most behaviours closer to a seed ("cover": greedy k-medoids, so a lone outlier is not a
+        seed). b_ij = u_j^T S e_i with u_j = squash(S e_seed_j), i.e. one routing update from capsules
+        placed at the seeds. Se [B,L,d], mask [B,L] -> b [B,L,K]
         """
         B = Se.shape[0]
         rows = torch.arange(B, device=Se.device)
@@ -289,7 +291,11 @@ class MIND(nn.Module):
         seeds = [seed]
         far = (1.0 - cos[rows, seed]).masked_fill(~mask, -1.0)  # [B,L] distance to the nearest seed
         for _ in range(1, self.K):
-            seed = far.argmax(-1)  # [B]
+            if self.cover_init:  # gain of seeding at c: sum_i max(0, far_i - (1 - cos_ic))
+                gain = (far[:, :, None] - (1.0 - cos)).clamp(min=0).sum(1)  # [B,L] per candidate c
+                seed = gain.masked_fill(~mask, -1.0).argmax(-1)  # [B]
+            else:
+                seed = far.argmax(-1)  # [B]
             seeds.append(seed)
             far = torch.minimum(far, (1.0 - cos[rows, seed]).masked_fill(~mask, -1.0))
         u0 = squash(Se[rows[:, None], torch.stack(seeds, 1)])  # [B,K,d]
