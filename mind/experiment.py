@@ -291,7 +291,7 @@ LEVERS: list[Lever] = [
     ),
     Lever("softmax", "sampled vs full softmax", _flip("softmax", "sampled", "full", "softmax:")),
     Lever("ihn", "hard negatives (REMI IHN)", _flip("hard_beta", 0.0, 1.0, "beta:")),
-    Lever("rr", "routing regulariser (REMI RR)", _flip("rr", 0.0, 100.0, "lambda:")),
+    Lever("rr", "routing regulariser (REMI RR)", _flip("rr", 0.0, 0.01, "lambda:")),
     Lever(
         "time",
         "time gaps",

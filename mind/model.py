@@ -154,14 +154,15 @@ def sampled_softmax_loss(
 def routing_regulariser(w: torch.Tensor, mask: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """REMI's routing regulariser: penalises interests that collapse onto one behaviour.
 
-    Each interest's routing weights, normalised over the behaviours (what it reads from each), have a
-    variance across behaviours; a capsule fed by a single behaviour has a large one. The penalty is the
+    Each interest's routing weights, normalised over the behaviours (what it reads from each, times
+    the number of behaviours n, so that reading all alike is 1 for any n), have a variance across
+    behaviours: 0 for an even read, about n for a capsule fed by one behaviour. The penalty is the
     squared norm of those variances per user, averaged over the batch.
     w [B,L,K] coupling, mask [B,L], active [B,K] -> scalar
     """
     m = mask[:, :, None].to(w.dtype)  # [B,L,1]
-    a = w * m / (w * m).sum(1, keepdim=True).clamp(min=1e-9)  # [B,L,K] each interest over behaviours
     n = m.sum(1, keepdim=True).clamp(min=1.0)  # [B,1,1]
+    a = n * w * m / (w * m).sum(1, keepdim=True).clamp(min=1e-9)  # [B,L,K] each interest over behaviours
     var = (((a - (a * m).sum(1, keepdim=True) / n) * m) ** 2).sum(1) / n[:, 0]  # [B,K]
     return ((var * active) ** 2).sum(-1).mean()
 

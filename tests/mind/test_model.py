@@ -240,15 +240,14 @@ def test_routing_regulariser_is_zero_for_even_routing_and_grows_with_collapse():
     active = torch.tensor([[True, True]])
     even = torch.full((1, 4, 2), 0.5)
     assert routing_regulariser(even, mask, active) == 0
-    # interest 0 reads only behaviour 0: its weights over behaviours (1, 0, 0, 0) have variance 3/16
+    # interest 0 reads only behaviour 0: n * its weights over behaviours = (4, 0, 0, 0), variance 3
     one = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]])
-    # interest 1 reads behaviours 1-3 evenly: (0, 1/3, 1/3, 1/3), variance 1/48
-    expected = (3 / 16) ** 2 + (1 / 48) ** 2
+    # interest 1 reads behaviours 1-3 evenly: (0, 4/3, 4/3, 4/3), variance 1/3
+    expected = 3.0**2 + (1 / 3) ** 2
     assert routing_regulariser(one, mask, active).item() == pytest.approx(expected)
     padded = torch.cat([one, torch.full((1, 2, 2), 0.3)], 1)  # padding rows change nothing
-    assert routing_regulariser(
-        padded, torch.tensor([[True] * 4 + [False] * 2]), active
-    ).item() == pytest.approx(expected)
+    got = routing_regulariser(padded, torch.tensor([[True] * 4 + [False] * 2]), active).item()
+    assert got == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("K", [1, 3])
