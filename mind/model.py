@@ -60,6 +60,9 @@ class MINDConfig:
     recency: int = 0  # recency-rank embedding rows (newest = rank 0, capped; + padding); 0 = off
     time_into: str = "interest"  # "interest": each interest's mean time vector feeds its ReLU layers;
     # "behaviour": the time vector is added to e_i before routing (it then moves the clustering too)
+    routing_center: bool = False  # agreement u_j^T (S e_i - mean_i S e_i): route on what sets behaviours apart
+    bilinear: str = "shared"  # "shared": one S for every interest (the paper); "per_interest": S_j (ComiRec-DR)
+    dropout: float = 0.0  # dropout on the capsules before the ReLU layers (training only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -192,7 +195,12 @@ class MIND(nn.Module):
         self.recency = max(cfg.recency, 2)
         self.recency_emb = nn.Embedding(self.recency, d, padding_idx=0)
         # 2. the bilinear map S shared by every behaviour/interest pair
-        self.S = nn.Parameter(torch.empty(d, d))
+        self.routing_center = cfg.routing_center
+        self.per_interest = cfg.bilinear == "per_interest"
+        if cfg.bilinear not in ("shared", "per_interest"):
+            raise ValueError(f"unknown bilinear {cfg.bilinear!r}: use 'shared' or 'per_interest'")
+        self.S = nn.Parameter(torch.empty(K, d, d) if self.per_interest else torch.empty(d, d))
+        self.drop = nn.Dropout(cfg.dropout)
         # fixed routing init for inference: serving must be deterministic per model version
         g = torch.Generator().manual_seed(cfg.init_seed)
         self.register_buffer("b_init", torch.randn(L, K, generator=g) * cfg.sigma)  # [L,K]
@@ -256,10 +264,13 @@ class MIND(nn.Module):
         """Algorithm 1. e [B,L,d], mask [B,L] (True = real behaviour), k_active [B,K]
         -> capsules u [B,K,d] and the final coupling coefficients w [B,L,K] (the paper's Fig. 5)"""
         B, L, _ = e.shape
-        Se = e @ self.S.T  # [B,L,d]   S e_i, computed once for all interests
+        if self.per_interest:  # S_j e_i for every interest j: [B,L,K,d]
+            Se = torch.einsum("kcd,bld->blkc", self.S, e)
+        else:
+            Se = (e @ self.S.T)[:, :, None, :].expand(B, L, self.K, e.shape[-1])  # [B,L,K,d] S e_i
         Se_fixed = Se.detach() if self.stop_grad_routing else Se
         if self.kmeans_init:
-            b = self.kmeans_pp_logits(Se_fixed, mask)  # [B,L,K] deterministic, train and serve
+            b = self.kmeans_pp_logits(self.agreement_input(Se_fixed, mask), mask)  # [B,L,K] deterministic
         elif self.training:
             b = torch.randn(B, L, self.K, device=e.device) * self.sigma  # [B,L,K] b_ij ~ N(0, sigma^2)
         else:
@@ -269,11 +280,21 @@ class MIND(nn.Module):
         for it in range(self.iters):
             Se_it = Se if it == self.iters - 1 else Se_fixed  # the last iteration carries the gradient
             w = b.softmax(-1) * mask[:, :, None]  # [B,L,K] softmax over interests; padding gets 0
-            z = torch.einsum("blk,bld->bkd", w, Se_it)  # [B,K,d] z_j = sum_i w_ij S e_i
+            z = torch.einsum("blk,blkd->bkd", w, Se_it)  # [B,K,d] z_j = sum_i w_ij S e_i
             u = squash(z)  # [B,K,d]
-            b = b + torch.einsum("bkd,bld->blk", u, Se_it)  # [B,L,K] b_ij += u_j^T S e_i
+            b = b + torch.einsum("bkd,blkd->blk", u, self.agreement_input(Se_it, mask))  # b_ij += u_j^T S e_i
         w = b.softmax(-1) * mask[:, :, None]  # [B,L,K] the coupling the final capsules settle on
         return u * k_active[:, :, None], w  # [B,K,d], [B,L,K]
+
+    def agreement_input(self, Se: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What the agreement u_j^T (.) reads: S e_i, or with routing_center its deviation from the
+        user's mean behaviour, so that a direction shared by all behaviours (popularity) does not pull
+        every behaviour to the same interest. Se [B,L,K,d], mask [B,L] -> [B,L,K,d]"""
+        if not self.routing_center:
+            return Se
+        m = mask[:, :, None, None].to(Se.dtype)  # [B,L,1,1]
+        mean = (Se * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)  # [B,1,K,d]
+        return (Se - mean) * m
 
     def kmeans_pp_logits(self, Se: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The paper's future work: a K-means++-like routing init instead of random logits.
@@ -286,7 +307,7 @@ class MIND(nn.Module):
         """
         B = Se.shape[0]
         rows = torch.arange(B, device=Se.device)
-        Sn = F.normalize(Se, dim=-1)  # [B,L,d]
+        Sn = F.normalize(Se[:, :, 0], dim=-1)  # [B,L,d]  (seeds are picked in interest 0's projection)
         cos = Sn @ Sn.transpose(1, 2)  # [B,L,L]
         seed = (mask.sum(-1) - 1).clamp(min=0)  # [B] newest behaviour
         seeds = [seed]
@@ -299,8 +320,9 @@ class MIND(nn.Module):
                 seed = far.argmax(-1)  # [B]
             seeds.append(seed)
             far = torch.minimum(far, (1.0 - cos[rows, seed]).masked_fill(~mask, -1.0))
-        u0 = squash(Se[rows[:, None], torch.stack(seeds, 1)])  # [B,K,d]
-        return torch.einsum("bkd,bld->blk", u0, Se)  # [B,L,K]
+        ks = torch.arange(self.K, device=Se.device)
+        u0 = squash(Se[rows[:, None], torch.stack(seeds, 1), ks[None, :]])  # [B,K,d] seed j in S_j
+        return torch.einsum("bkd,blkd->blk", u0, Se)  # [B,L,K]
 
     # ---- the user tower (what Triton serves) ---------------------------------------------------
     def capsules(
@@ -346,7 +368,7 @@ class MIND(nn.Module):
         u, k_active, w = self.capsules(item_ids, side_ids, times)  # [B,K,d], [B,K], [B,L,K]
         p_u = self.profile_emb(profile_ids).flatten(1)  # [B,P*profile_dim]
         p_u = p_u[:, None, :].expand(-1, self.K, -1)  # [B,K,P*profile_dim]
-        x = [u, p_u]
+        x = [self.drop(u), p_u]
         if self.time_per_interest:  # when interest j's behaviours happened: sum_i w_ij t_i / sum_i w_ij
             t = self.behaviour_time(item_ids, times)  # [B,L,d]
             x.append(torch.einsum("blk,bld->bkd", w, t) / w.sum(1)[:, :, None].clamp(min=1e-9))  # [B,K,d]
