@@ -62,7 +62,11 @@ class MINDConfig:
     # "behaviour": the time vector is added to e_i before routing (it then moves the clustering too)
     routing_center: bool = False  # agreement u_j^T (S e_i - mean_i S e_i): route on what sets behaviours apart
     bilinear: str = "shared"  # "shared": one S for every interest (the paper); "per_interest": S_j (ComiRec-DR)
+    train_max: bool = False  # training logits = max over the interests (the serving score) for every item;
+    # False: label-aware attention picks one user vector per example (the paper)
     dropout: float = 0.0  # dropout on the capsules before the ReLU layers (training only)
+    temperature: float = 0.0  # > 0: unit-length item and interest vectors (cosine), logits / temperature;
+    # every interest then competes on the same scale in the max-merge (Eq. 3); 0 = raw inner products
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +125,7 @@ def sampled_softmax_loss(
     log_q: torch.Tensor | None = None,
     beta: float = 0.0,
     correct_label: bool = False,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax over the label and shared sampled negatives (Eq. 7-8, Jean et al. 2015).
 
@@ -136,10 +141,17 @@ def sampled_softmax_loss(
     w_j = exp(beta s_j) / mean_k exp(beta s_k), the mean taken over the catalogue as the (corrected)
     sample estimates it, so hard negatives (close to the user's interest) weigh more; w is a
     constant of the step (detached), and beta = 0 gives back the plain loss.
+    v_u [B,K,d] with active [B,K]: every item's logit is max_k over the active interests, the score the
+    serving merge ranks by (Eq. 3), so training sees what retrieval will rank.
     v_u [B,d], e_label [B,d], label [B], e_neg [N,d], neg [N] -> scalar
     """
-    pos = (v_u * e_label).sum(-1, keepdim=True)  # [B,1]
-    scores = v_u @ e_neg.T  # [B,N]  s_j
+    if v_u.dim() == 3:
+        off = (~active)[:, :, None] * -1e4  # [B,K,1] inactive interests never win the max
+        pos = (torch.einsum("bkd,bd->bk", v_u, e_label)[:, :, None] + off).amax(1)  # [B,1]
+        scores = (torch.einsum("bkd,nd->bkn", v_u, e_neg) + off).amax(1)  # [B,N]
+    else:
+        pos = (v_u * e_label).sum(-1, keepdim=True)  # [B,1]
+        scores = v_u @ e_neg.T  # [B,N]  s_j
     hit = neg[None, :] == label[:, None]  # [B,N] accidental hits
     correction = -log_q[neg][None, :].expand_as(scores) if log_q is not None else torch.zeros_like(scores)
     if log_q is not None and correct_label:
@@ -230,7 +242,8 @@ class MIND(nn.Module):
         e = self.item_emb(item_ids)  # [...,d]
         side = self.side_emb(side_ids)  # [...,S,d]   (row 0 is zero: "none" adds nothing)
         n = 1.0 + (side_ids > 0).sum(-1, keepdim=True).to(e.dtype)  # [...,1]
-        return (e + side.sum(-2)) / n  # [...,d]
+        e = (e + side.sum(-2)) / n  # [...,d]
+        return F.normalize(e, dim=-1) if self.cfg.temperature > 0 else e  # [...,d]
 
     def behaviour_time(self, item_ids: torch.Tensor, times: torch.Tensor | None) -> torch.Tensor:
         """t_i: the embedding of each behaviour's time gap to the newest one and/or of its recency rank.
@@ -373,6 +386,8 @@ class MIND(nn.Module):
             t = self.behaviour_time(item_ids, times)  # [B,L,d]
             x.append(torch.einsum("blk,bld->bkd", w, t) / w.sum(1)[:, :, None].clamp(min=1e-9))  # [B,K,d]
         V = self.mlp(torch.cat(x, dim=-1))  # [B,K,d]  3. ReLU layers over [u_j; p_u (; time_j)]
+        if self.cfg.temperature > 0:  # unit interests: the max-merge compares cosines
+            V = F.normalize(V, dim=-1)
         V = V * k_active[:, :, None]  # inactive interests are zero
         return V, k_active, w
 
@@ -398,9 +413,14 @@ class MIND(nn.Module):
         label [B], label_side [B,S], neg [N], neg_side [N,S]; every item as neg = full softmax."""
         V, active, w = self.interests(item_ids, side_ids, profile_ids, times)  # [B,K,d], [B,K], [B,L,K]
         e_label = self.embed_items(label, label_side)  # [B,d]
-        v_u = label_aware_attention(V, active, e_label, self.cfg.p if p is None else p)  # [B,d]
+        if self.cfg.train_max and not self.mean_pooling:
+            v_u = V  # [B,K,d]: each item scored by its best interest
+        else:
+            v_u = label_aware_attention(V, active, e_label, self.cfg.p if p is None else p)  # [B,d]
+        if self.cfg.temperature > 0:
+            v_u = v_u / self.cfg.temperature  # cosine logits / temperature
         e_neg = self.embed_items(neg, neg_side)  # [N,d]
-        loss = sampled_softmax_loss(v_u, e_label, label, e_neg, neg, log_q, beta, correct_label)
+        loss = sampled_softmax_loss(v_u, e_label, label, e_neg, neg, log_q, beta, correct_label, active)
         if rr > 0 and not self.mean_pooling:
             loss = loss + rr * routing_regulariser(w, item_ids > 0, active)
         return loss
