@@ -44,6 +44,7 @@ class TrainConfig:
     hard_beta: float = 0.0  # interest-aware hard negatives (REMI): weight exp(beta * score); 0 = off
     rr: float = 0.0  # weight of the routing regulariser (REMI); 0 = off
     logq_label: bool = True  # also log-Q-correct the label's logit (TensorFlow's convention)
+    horizon: int = 1  # label = one of the next `horizon` items after the window (drawn per step); 1 = next item
     patience: int = 3  # epochs without validation gain before stopping (convergence)
     select_metric: str = "recall@50"
     max_seconds: float = 0.0  # optional wall-clock budget for one model; 0 = none, stop by convergence
@@ -218,6 +219,24 @@ def training_examples(
     return out + ((pad_windows(times, max_len),) if timestamps is not None else ())
 
 
+def future_items(sequences: list[np.ndarray], users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every example of `training_examples` (same order): where its next item sits in one flat array
+    of the users' sequences, and how many items follow the window (the next one included).
+
+    -> flat [sum of lengths], start [N] (flat index of the next item), room [N] (>= 1)
+    """
+    flat, start, room, at = [], [], [], 0
+    for u in users:
+        s = sequences[u]
+        flat.append(np.asarray(s, dtype=np.int64))
+        n = len(s)
+        start.extend(range(at + 1, at + n))
+        room.extend(range(n - 1, 0, -1))
+        at += n
+    cat = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
+    return cat, np.asarray(start, dtype=np.int64), np.asarray(room, dtype=np.int64)
+
+
 def negative_distribution(
     sequences: list[np.ndarray], users: np.ndarray, n_items: int, kind: str
 ) -> torch.Tensor:
@@ -328,6 +347,11 @@ def train(
     H, T, U, *Ts = training_examples(inter.sequences, np.asarray(train_users), model.cfg.max_len, stamps)
     H_t, T_t, U_t = (torch.as_tensor(a).to(dev) for a in (H, T, U))
     Ts_t = torch.as_tensor(Ts[0]).to(dev) if Ts else None
+    if cfg.horizon > 1:  # the label is drawn among the next `horizon` items, anew at every step
+        flat, start, room = (
+            torch.as_tensor(a).to(dev) for a in future_items(inter.sequences, np.asarray(train_users))
+        )
+        room = room.clamp(max=cfg.horizon)
     if cfg.softmax not in ("sampled", "full"):
         raise ValueError(f"unknown softmax {cfg.softmax!r}: use 'sampled' or 'full'")
     full = cfg.softmax == "full"
@@ -372,6 +396,9 @@ def train(
         for i in bar:
             idx = order[i : i + cfg.batch_size]
             ids, label, rows = H_t[idx], T_t[idx], U_t[idx]
+            if cfg.horizon > 1:
+                off = (torch.rand(len(idx), device=dev) * room[idx]).long()  # [b] in [0, room)
+                label = flat[start[idx] + off]
             neg = all_items if full else torch.multinomial(q, cfg.neg, replacement=True)
             args = (ids, side_t[ids], prof_t[rows], label, side_t[label], neg, side_t[neg], log_q)
             kw = {**extra, "times": Ts_t[idx] if Ts_t is not None else None}
