@@ -348,7 +348,7 @@ def train(
     H_t, T_t, U_t = (torch.as_tensor(a).to(dev) for a in (H, T, U))
     Ts_t = torch.as_tensor(Ts[0]).to(dev) if Ts else None
     if cfg.horizon > 1:  # the label is drawn among the next `horizon` items, anew at every step
-        flat, start, room = (
+        flat, first, room = (
             torch.as_tensor(a).to(dev) for a in future_items(inter.sequences, np.asarray(train_users))
         )
         room = room.clamp(max=cfg.horizon)
@@ -398,7 +398,7 @@ def train(
             ids, label, rows = H_t[idx], T_t[idx], U_t[idx]
             if cfg.horizon > 1:
                 off = (torch.rand(len(idx), device=dev) * room[idx]).long()  # [b] in [0, room)
-                label = flat[start[idx] + off]
+                label = flat[first[idx] + off]
             neg = all_items if full else torch.multinomial(q, cfg.neg, replacement=True)
             args = (ids, side_t[ids], prof_t[rows], label, side_t[label], neg, side_t[neg], log_q)
             kw = {**extra, "times": Ts_t[idx] if Ts_t is not None else None}
