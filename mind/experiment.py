@@ -299,7 +299,29 @@ LEVERS: list[Lever] = [
         lambda i, c: i.timestamps is not None,
     ),
     Lever("recency", "recency ranks", _flip("recency", 0, 16, "ranks:", "model")),
+    Lever("cover", "routing init", _flip("routing_init", "kmeans++", "cover", "init:", "model")),
+    Lever("iters", "routing iterations", lambda s, c, t: _iters(c)),
+    Lever("center", "centred routing agreement", _flip("routing_center", False, True, "centre:", "model")),
+    Lever(
+        "bilinear",
+        "shared vs per-interest S",
+        _flip("bilinear", "shared", "per_interest", "bilinear:", "model"),
+    ),
+    Lever("cosine", "unit vectors + temperature", _flip("temperature", 0.0, 0.1, "temperature:", "model")),
+    Lever("train_max", "training on the max over interests", _flip("train_max", False, True, "", "model")),
+    Lever("horizon", "label horizon", lambda s, c, t: _horizon(t)),
+    Lever("dropout", "capsule dropout", _flip("dropout", 0.0, 0.3, "dropout:", "model")),
 ]
+
+
+def _iters(c: MINDConfig) -> tuple[str, dict]:
+    new = 3 if c.iters != 3 else 1
+    return f"r = {new} (default {c.iters})", {"model": {"iters": new}}
+
+
+def _horizon(t: TrainConfig) -> tuple[str, dict]:
+    new = 1 if t.horizon != 1 else 1000
+    return f"horizon = {new} (default {t.horizon})", {"train": {"horizon": new}}
 
 
 def ablate(

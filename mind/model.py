@@ -60,8 +60,8 @@ class MINDConfig:
     recency: int = 0  # recency-rank embedding rows (newest = rank 0, capped; + padding); 0 = off
     time_into: str = "interest"  # "interest": each interest's mean time vector feeds its ReLU layers;
     # "behaviour": the time vector is added to e_i before routing (it then moves the clustering too)
-    routing_center: bool = False  # agreement u_j^T (S e_i - mean_i S e_i): route on what sets behaviours apart
-    bilinear: str = "shared"  # "shared": one S for every interest (the paper); "per_interest": S_j (ComiRec-DR)
+    routing_center: bool = False  # agreement u_j^T (S e_i - mean_i S e_i): route on what sets them apart
+    bilinear: str = "shared"  # "shared": one S (the paper); "per_interest": S_j (ComiRec-DR)
     train_max: bool = False  # training logits = max over the interests (the serving score) for every item;
     # False: label-aware attention picks one user vector per example (the paper)
     dropout: float = 0.0  # dropout on the capsules before the ReLU layers (training only)

@@ -44,7 +44,7 @@ class TrainConfig:
     hard_beta: float = 0.0  # interest-aware hard negatives (REMI): weight exp(beta * score); 0 = off
     rr: float = 0.0  # weight of the routing regulariser (REMI); 0 = off
     logq_label: bool = True  # also log-Q-correct the label's logit (TensorFlow's convention)
-    horizon: int = 1  # label = one of the next `horizon` items after the window (drawn per step); 1 = next item
+    horizon: int = 1  # label: one of the next `horizon` items (drawn per step); 1 = next item
     patience: int = 3  # epochs without validation gain before stopping (convergence)
     select_metric: str = "recall@50"
     max_seconds: float = 0.0  # optional wall-clock budget for one model; 0 = none, stop by convergence
