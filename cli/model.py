@@ -17,7 +17,9 @@ from cli.options import (
     BUDGET_,
     CKPT_,
     D_,
+    DYNAMIC_K_,
     EPOCHS_,
+    HARD_BETA_,
     INIT_,
     ITERS_,
     K_,
@@ -26,10 +28,14 @@ from cli.options import (
     MODEL_NAME_,
     NEG_,
     P_,
+    RECENCY_,
     REPO_,
+    RR_,
     SEED_,
     SIGMA_,
+    SOFTMAX_,
     THREADS_,
+    TIME_GAPS_,
     Data,
     Fmt,
     SkipBad,
@@ -56,13 +62,19 @@ def train(
     iters: ITERS_ = None,
     max_len: LEN_ = None,
     routing_init: INIT_ = None,
-    neg: NEG_ = 1000,
-    epochs: EPOCHS_ = 30,
-    lr: LR_ = 1e-3,
-    batch_size: BATCH_ = 256,
+    neg: NEG_ = None,
+    epochs: EPOCHS_ = None,
+    lr: LR_ = None,
+    batch_size: BATCH_ = None,
     seed: SEED_ = 42,
-    budget: BUDGET_ = 600.0,
+    budget: BUDGET_ = None,
     threads: THREADS_ = 0,
+    softmax: SOFTMAX_ = None,
+    hard_beta: HARD_BETA_ = None,
+    rr: RR_ = None,
+    time_gaps: TIME_GAPS_ = None,
+    recency: RECENCY_ = None,
+    dynamic_k: DYNAMIC_K_ = None,
     unknown_rate: Annotated[
         float,
         typer.Option(
@@ -75,18 +87,19 @@ def train(
     ] = 0.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train one model on the training users (early-stopped on the validation users) and save it.
+    """Train one model on the training users (stopped when the validation users converge) and save it.
 
+    Settings not given come from the data set's rules (mind.experiment.rule_settings), as in `evaluate`.
     Under `torchrun --nproc_per_node=N -m cli train ...` the same flags train data-parallel
     (DDP, --batch-size per process); rank 0 alone saves and prints (docs/training.md).
     """
     import numpy as np
     import torch
 
-    from mind.experiment import LEARNED
+    from mind.experiment import LEARNED, build, given, rule_settings
     from mind.model import MIND
     from mind.split import comirec_split
-    from mind.train import TrainConfig, distributed, model_config_for, save_checkpoint
+    from mind.train import distributed, save_checkpoint
     from mind.train import train as fit
 
     with distributed() as ddp:
@@ -95,19 +108,20 @@ def train(
             raise typer.BadParameter(f"choose one of {', '.join(LEARNED)}", param_hint="--model")
         inter = load_data(data, fmt, skip_bad)
         split = comirec_split(inter)
-        cfg = model_config_for(
-            inter, **{**model_overrides(K, d, p, sigma, iters, max_len, routing_init), **LEARNED[model]}
-        )
-        tcfg = TrainConfig(
+        mo = model_overrides(K, d, p, sigma, iters, max_len, routing_init)
+        mo.update(given(time_buckets=time_gaps, recency=recency, dynamic_k=dynamic_k))
+        to = given(
             epochs=epochs,
             lr=lr,
             neg=neg,
             batch_size=batch_size,
-            seed=seed,
             max_seconds=budget,
-            threads=threads,
-            unknown_rate=unknown_rate,
+            softmax=softmax,
+            hard_beta=hard_beta,
+            rr=rr,
         )
+        to.update(seed=seed, threads=threads, unknown_rate=unknown_rate)
+        cfg, tcfg = build(inter, split, model, rule_settings(inter, split, model).merged(mo, to))
         torch.manual_seed(seed)
         net = MIND(cfg)
         res = fit(net, inter, np.asarray(split.train_users), split.valid, tcfg, ckpt=out, dist=ddp)
@@ -143,34 +157,76 @@ def evaluate(
     iters: ITERS_ = None,
     max_len: LEN_ = None,
     routing_init: INIT_ = None,
-    neg: NEG_ = 1000,
-    epochs: EPOCHS_ = 30,
-    lr: LR_ = 1e-3,
-    batch_size: BATCH_ = 256,
+    neg: NEG_ = None,
+    epochs: EPOCHS_ = None,
+    lr: LR_ = None,
+    batch_size: BATCH_ = None,
     seed: SEED_ = 42,
-    budget: BUDGET_ = 200.0,
+    budget: BUDGET_ = None,
     threads: THREADS_ = 0,
+    softmax: SOFTMAX_ = None,
+    hard_beta: HARD_BETA_ = None,
+    rr: RR_ = None,
+    time_gaps: TIME_GAPS_ = None,
+    recency: RECENCY_ = None,
+    dynamic_k: DYNAMIC_K_ = None,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            "--seeds", min=1, envvar="MIND_SEEDS", help="Train each learned model with N seeds: mean ± s.e."
+        ),
+    ] = 1,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            "--tune", help="Choose window, K, lr and negatives per model by a search on the validation users."
+        ),
+    ] = False,
+    ablate: Annotated[
+        bool, typer.Option("--ablate", help="Also run the lever ablation of MIND-K on the validation users.")
+    ] = False,
+    levers: Annotated[
+        str | None,
+        typer.Option(
+            "--levers", help="Only these ablation levers, comma-separated (mind.experiment.LEVERS keys)."
+        ),
+    ] = None,
     checkpoints: Annotated[
         Path | None, typer.Option(help="Directory to keep each model's checkpoint.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train every model, evaluate on the test users (ComiRec + MIND-paper protocols), write the report."""
-    from mind.experiment import run_offline, table
-    from mind.train import TrainConfig
+    """Train every model, evaluate on the test users (ComiRec + MIND-paper protocols), write the report.
+
+    Settings not given come from the data set's rules (or from --tune); the report records each one's source.
+    """
+    from mind.experiment import given, run_offline, table
 
     setup_logging(verbose)
     inter = load_data(data, fmt, skip_bad)
-    tcfg = TrainConfig(
-        epochs=epochs, lr=lr, neg=neg, batch_size=batch_size, seed=seed, max_seconds=budget, threads=threads
+    mo = model_overrides(K, d, p, sigma, iters, max_len, routing_init)
+    mo.update(given(time_buckets=time_gaps, recency=recency, dynamic_k=dynamic_k))
+    to = given(
+        epochs=epochs,
+        lr=lr,
+        neg=neg,
+        batch_size=batch_size,
+        max_seconds=budget,
+        softmax=softmax,
+        hard_beta=hard_beta,
+        rr=rr,
     )
     report = run_offline(
         inter,
         out=out,
         models=tuple(m.strip() for m in models.split(",") if m.strip()),
-        model_overrides=model_overrides(K, d, p, sigma, iters, max_len, routing_init),
-        train_cfg=tcfg,
+        model_overrides=mo,
+        train_overrides={**to, "seed": seed, "threads": threads},
         checkpoint_dir=checkpoints,
+        seeds=seeds,
+        do_tune=tune,
+        do_ablate=ablate,
+        levers=tuple(x.strip() for x in levers.split(",")) if levers else None,
     )
     typer.echo(f"\n{report['dataset']}: {report['users']['test']} test users, ComiRec protocol\n")
     typer.echo(table(report))

@@ -41,15 +41,44 @@ SIGMA_ = Annotated[float | None, typer.Option("--sigma", envvar="MIND_SIGMA", he
 ITERS_ = Annotated[int | None, typer.Option("--iters", envvar="MIND_ITERS", help="Routing iterations r.")]
 LEN_ = Annotated[int | None, typer.Option("--max-len", envvar="MIND_MAX_LEN", help="Behaviour window L.")]
 INIT_ = Annotated[
-    str | None, typer.Option("--routing-init", envvar="MIND_ROUTING_INIT", help="kmeans++ (default) | random")
+    str | None,
+    typer.Option("--routing-init", envvar="MIND_ROUTING_INIT", help="kmeans++ (default) | cover | random"),
 ]
-NEG_ = Annotated[int, typer.Option("--neg", envvar="MIND_NEG", help="Sampled negatives per batch.")]
-EPOCHS_ = Annotated[int, typer.Option("--epochs", envvar="MIND_EPOCHS", help="Maximum epochs.")]
-LR_ = Annotated[float, typer.Option("--lr", envvar="MIND_LR", help="Adam learning rate.")]
-BATCH_ = Annotated[int, typer.Option("--batch-size", envvar="MIND_BATCH_SIZE")]
+NEG_ = Annotated[int | None, typer.Option("--neg", envvar="MIND_NEG", help="Sampled negatives per batch.")]
+EPOCHS_ = Annotated[int | None, typer.Option("--epochs", envvar="MIND_EPOCHS", help="Maximum epochs.")]
+LR_ = Annotated[float | None, typer.Option("--lr", envvar="MIND_LR", help="Adam learning rate.")]
+BATCH_ = Annotated[int | None, typer.Option("--batch-size", envvar="MIND_BATCH_SIZE")]
 SEED_ = Annotated[int, typer.Option("--seed", envvar="MIND_SEED")]
 BUDGET_ = Annotated[
-    float, typer.Option("--budget", envvar="MIND_BUDGET", help="Seconds of training per model.")
+    float | None,
+    typer.Option("--budget", envvar="MIND_BUDGET", help="Seconds of training per model (default: none)."),
+]
+SOFTMAX_ = Annotated[
+    str | None, typer.Option("--softmax", envvar="MIND_SOFTMAX", help="sampled | full (every item).")
+]
+HARD_BETA_ = Annotated[
+    float | None,
+    typer.Option(
+        "--hard-beta", envvar="MIND_HARD_BETA", help="Hard negatives: weight exp(beta*score); 0 = off."
+    ),
+]
+RR_ = Annotated[
+    float | None, typer.Option("--rr", envvar="MIND_RR", help="Routing regulariser weight; 0 = off.")
+]
+TIME_GAPS_ = Annotated[
+    int | None,
+    typer.Option(
+        "--time-gaps", envvar="MIND_TIME_GAPS", help="Time-gap buckets (data with timestamps); 0 = off."
+    ),
+]
+RECENCY_ = Annotated[
+    int | None, typer.Option("--recency", envvar="MIND_RECENCY", help="Recency-rank embeddings; 0 = off.")
+]
+DYNAMIC_K_ = Annotated[
+    bool | None,
+    typer.Option(
+        "--dynamic-k/--all-interests", envvar="MIND_DYNAMIC_K", help="K' = log2 |I_u| (default) or always K."
+    ),
 ]
 THREADS_ = Annotated[
     int, typer.Option("--threads", envvar="MIND_THREADS", help="Torch threads (0 = default).")

@@ -70,9 +70,14 @@ def evaluate_retriever(
 
 
 def plot_metric_vs_n(
-    results: Mapping[str, Mapping[str, float]], path: str | Path, metric: str = "recall"
+    results: Mapping[str, Mapping[str, float]],
+    path: str | Path,
+    metric: str = "recall",
+    errors: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
-    """Write a PNG of metric@N against N, one line per model (keys of `results`)."""
+    """Write a PNG of metric@N against N, one line per model (keys of `results`).
+
+    errors: per model, the standard error of each metric (over seeds), drawn as error bars."""
     # An explicit Agg Figure (no pyplot): no global backend switch, safe in any process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -93,7 +98,12 @@ def plot_metric_vs_n(
             continue
         xs, ys = zip(*points, strict=True)
         all_ns.update(xs)
-        ax.plot(xs, ys, marker="o", label=name)
+        err = (errors or {}).get(name)
+        if err:
+            yerr = [float(err.get(f"{metric}@{x}", 0.0)) for x in xs]
+            ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, label=name)
+        else:
+            ax.plot(xs, ys, marker="o", label=name)
     ax.set_xscale("log")
     if all_ns:
         ax.set_xticks(sorted(all_ns))
@@ -108,3 +118,37 @@ def plot_metric_vs_n(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    """Mean of a - b over the same users, its standard error and a t-interval at `level`.
+
+    a, b: one value per test user (e.g. recall@50, averaged over seeds) in the same user order.
+    The users are the unit of replication, so the interval says how sure the difference is for this
+    population of users (the seeds' noise is inside each user's value).
+    """
+    from scipy import stats
+
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = diff.size
+    mean = float(diff.mean()) if n else float("nan")
+    se = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * se) if n > 1 else float("nan")
+    base = float(np.mean(b)) if n else float("nan")
+    return {
+        "diff": mean,
+        "se": se,
+        "ci_low": mean - half,
+        "ci_high": mean + half,
+        "level": level,
+        "relative": mean / base if base else float("nan"),
+        "users": n,
+    }

@@ -13,12 +13,18 @@ from mind.train import feature_tables
 
 
 @torch.no_grad()
-def coupling(model: MIND, inter: Interactions, histories: list[np.ndarray]) -> list[np.ndarray]:
-    """Per history, the final routing weights w [L_u, K'_u] (rows: its last L behaviours)."""
+def coupling(
+    model: MIND, inter: Interactions, histories: list[np.ndarray], times: list[np.ndarray] | None = None
+) -> list[np.ndarray]:
+    """Per history, the final routing weights w [L_u, K'_u] (rows: its last L behaviours).
+
+    times: the histories' Unix seconds (mind.train.case_times), for a model that reads behaviour time.
+    """
     side_t, _ = feature_tables(inter)
     model.eval()
     ids = torch.as_tensor(pad_windows(histories, model.cfg.max_len))
-    _, active, w = model.capsules(ids, side_t[ids])  # [B,K], [B,L,K]
+    ts = torch.as_tensor(pad_windows(times, model.cfg.max_len)) if times is not None else None
+    _, active, w = model.capsules(ids, side_t[ids], ts)  # [B,K], [B,L,K]
     out = []
     for b, h in enumerate(histories):
         n = min(len(h), model.cfg.max_len)
@@ -36,8 +42,11 @@ def interest_purity(
     label < 0 (noise, unknown) are left out.
     """
     histories = [inter.sequences[u][-model.cfg.max_len :] for u in users]
+    times = (
+        [inter.timestamps[u][-model.cfg.max_len :] for u in users] if inter.timestamps is not None else None
+    )
     agree = total = 0
-    for h, w in zip(histories, coupling(model, inter, histories), strict=True):
+    for h, w in zip(histories, coupling(model, inter, histories, times), strict=True):
         assign = w.argmax(-1)  # [L_u]
         lab = labels[h]
         keep = lab >= 0
@@ -67,4 +76,29 @@ def plot_coupling(w: np.ndarray, path: Path, item_labels: list[str] | None = Non
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_couplings(ws: list[np.ndarray], labels: list[list[str]], titles: list[str], path: Path) -> Path:
+    """Several users' heatmaps stacked in one PNG (the report's long-history users)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    width = max(6.0, 0.3 * max((w.shape[0] for w in ws), default=1) + 2)
+    heights = [1.0 + 0.45 * w.shape[1] for w in ws]
+    fig = Figure(figsize=(width, sum(heights) + 1.2 * len(ws)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(ws), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, w, lab, title in zip(axes, ws, labels, titles, strict=True):
+        L, K = w.shape
+        im = ax.imshow(w.T, aspect="auto", cmap="Reds", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_yticks(range(K), [f"interest {k + 1}" for k in range(K)])
+        ax.set_xticks(range(L), lab if L <= 30 else [""] * L, rotation=70, ha="right", fontsize=6)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.02)
+    axes[-1].set_xlabel("behaviour (oldest -> newest)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     return path

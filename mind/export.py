@@ -9,9 +9,15 @@ Layout written (see model_repo/README.md)::
                                         # created, items_beyond_vocab (ids >= n_items embedded: cold start)
     repo/<model_name>/<v>/item_side.npy # optional item -> side-id table the version was trained with
 
-Why fixed padded shapes (ITEM_IDS [L], SIDE_IDS [L,S], PROFILE_IDS [P]): Triton's dynamic batcher only
-merges requests whose non-batch shapes are equal. Right-padding every window to the model's max length
-lets requests from many worker processes merge into one forward pass; the tower masks padding anyway.
+Why fixed padded shapes (ITEM_IDS [L], SIDE_IDS [L,S], PROFILE_IDS [P], TIMES [L]): Triton's dynamic
+batcher only merges requests whose non-batch shapes are equal. Right-padding every window to the model's
+max length lets requests from many worker processes merge into one forward pass; the tower masks padding.
+
+TIMES (optional, INT64 [L]): the Unix seconds of each behaviour of the window, aligned with ITEM_IDS,
+0 = unknown/padding. A tower trained with behaviour time reads the gap of each behaviour to the newest one
+of the window (mind.model.time_bucket); any other tower ignores it. A request without TIMES is served as
+all zeros (unknown), so clients that predate it keep working. meta.json's "times_input" says whether the
+tower takes it at all, "uses_time" whether it changes the output.
 
 Why `version_policy: latest {num_versions: 1}`: with explicit model control, `load_model` on a loaded
 model loads the new version beside the serving one and switches only once it is ready; requests in
@@ -25,6 +31,7 @@ half-written version.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -41,7 +48,7 @@ from torch import nn
 from tritonclient.grpc import model_config_pb2 as mc
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_repo" / "python_model.py"
-INPUTS = ("ITEM_IDS", "SIDE_IDS", "PROFILE_IDS")
+INPUTS = ("ITEM_IDS", "SIDE_IDS", "PROFILE_IDS", "TIMES")
 OUTPUTS = ("INTERESTS", "ACTIVE", "META", "COUPLING")  # META and COUPLING: only when a client asks
 
 
@@ -72,8 +79,8 @@ def build_config(
     """
     cfg = mc.ModelConfig(name=model_name, backend="python", max_batch_size=max_batch_size)
     cfg.version_policy.latest.num_versions = 1
-    for name, dims in zip(INPUTS, ([max_len], [max_len, n_side], [n_profile]), strict=True):
-        cfg.input.add(name=name, data_type=mc.TYPE_INT64, dims=dims)
+    for name, dims in zip(INPUTS, ([max_len], [max_len, n_side], [n_profile], [max_len]), strict=True):
+        cfg.input.add(name=name, data_type=mc.TYPE_INT64, dims=dims, optional=name == "TIMES")
     cfg.output.add(name="INTERESTS", data_type=mc.TYPE_FP32, dims=[K, d])
     cfg.output.add(name="ACTIVE", data_type=mc.TYPE_BOOL, dims=[K])
     cfg.output.add(name="META", data_type=mc.TYPE_STRING, dims=[2])  # model_version, vocab_hash; on request
@@ -114,8 +121,9 @@ def probe_inputs(
     profile_vocab: Sequence[int] | None,
     batch: int = 8,
     seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch covering the edge cases: empty window, one behaviour, full window, unknown ids, random."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch covering the edge cases: empty window, one behaviour, full window, unknown ids, random;
+    and behaviour times (Unix seconds, growing, 0 under padding; one row with unknown times)."""
     g = np.random.default_rng(seed)
     hi = max(n_items or 2, 2)
     lengths = [0, 1, max_len] + list(g.integers(0, max_len + 1, size=max(batch - 3, 0)))
@@ -127,7 +135,19 @@ def probe_inputs(
     side = (g.random((len(lengths), max_len, n_side)) * sv).astype(np.int64) * (items[..., None] > 0)
     pv = np.asarray(profile_vocab if profile_vocab is not None else [1] * n_profile, dtype=np.int64)
     prof = (g.random((len(lengths), n_profile)) * pv).astype(np.int64)
-    return torch.from_numpy(items), torch.from_numpy(side), torch.from_numpy(prof)
+    gaps = g.integers(0, 10**6, size=(len(lengths), max_len))
+    times = (1_600_000_000 + np.cumsum(gaps, axis=1)) * (items > 0)
+    times[-1] = 0  # a window whose times are unknown
+    return torch.from_numpy(items), torch.from_numpy(side), torch.from_numpy(prof), torch.from_numpy(times)
+
+
+def takes_times(tower: nn.Module) -> bool:
+    """Whether the tower's forward has the optional 4th input `times` (mind.model.MIND does)."""
+    try:
+        params = list(inspect.signature(tower.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 4 and params[3] == "times"
 
 
 def to_torchscript(tower: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
@@ -220,15 +240,18 @@ def export_user_tower(
     side_vocab = _per_slot("side_vocab", side_vocab, n_side)
     profile_vocab = _per_slot("profile_vocab", profile_vocab, n_profile)
 
-    example = probe_inputs(
+    probe = probe_inputs(
         max_len, n_side, n_profile, n_items=n_items, side_vocab=side_vocab, profile_vocab=profile_vocab
     )
+    with_times = takes_times(tower)
+    example = probe if with_times else probe[:3]
     was_training = tower.training
     try:
         scripted = to_torchscript(tower, example)  # eval mode: routing uses the stored init, not a draw
         with torch.inference_mode():
             ref_i, ref_a = tower.eval()(*example)
             got_i, got_a = scripted(*example)
+            uses_time = with_times and not torch.equal(ref_i, tower(*probe[:3])[0])
     finally:
         tower.train(was_training)
     if tuple(ref_i.shape[1:]) != (K, d) or tuple(ref_a.shape[1:]) != (K,):
@@ -258,9 +281,14 @@ def export_user_tower(
     cfg_path = model_dir / "config.pbtxt"
     if cfg_path.exists():
         old = parse_config(cfg_path)
-        # a config written before the optional COUPLING output existed is compatible: rewritten with it
+        # a config written before the optional TIMES input or COUPLING output existed is compatible: it is
+        # rewritten with them
+        before_times = [t for t in cfg.input if t.name != "TIMES"]
         before_coupling = [t for t in cfg.output if t.name != "COUPLING"]
-        if list(old.input) != list(cfg.input) or list(old.output) not in (list(cfg.output), before_coupling):
+        if list(old.input) not in (list(cfg.input), before_times) or list(old.output) not in (
+            list(cfg.output),
+            before_coupling,
+        ):
             raise ExportError(
                 f"{cfg_path} has other tensor shapes; one Triton config serves all versions, "
                 "so export a tower with new K/d/L/S/P under a new model_name"
@@ -289,6 +317,8 @@ def export_user_tower(
             "profile_vocab": profile_vocab,
             "has_item_side": item_side is not None,
             "items_beyond_vocab": beyond_vocab,
+            "times_input": with_times,
+            "uses_time": bool(uses_time),
             "torch": torch.__version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -4,11 +4,16 @@ For one user with ranked list L (item ids, -1 = padding) and target set T:
 - recall@N = |L[:N] ∩ T| / |T|;
 - hr@N     = 1 if L[:N] ∩ T is non-empty, else 0;
 - ndcg@N   = DCG / IDCG, DCG = Σ_{r < N, L[r] ∈ T} 1 / log2(r + 2),
-             IDCG = Σ_{i < min(|T|, N)} 1 / log2(i + 2).
+             IDCG = Σ_{i < min(|T|, N)} 1 / log2(i + 2)          (the standard NDCG; the headline one).
 Targets count as a set (a repeated target counts once) and a repeated item in L counts
-at its first position only. ComiRec's own script differs in two details: it divides recall
-by the target count with repeats, and it normalises NDCG by the IDCG of the number of
-hits, which inflates NDCG; the standard IDCG above gives lower, more comparable values.
+at its first position only.
+
+- ndcg_comirec@N is ComiRec's own `evaluate_full` NDCG, reported beside it under its own name:
+  each target t_j (j = position in the chronological TARGET list, repeats kept) that is in L[:N]
+  adds 1 / log2(j + 2), and the sum is divided by Σ_{i < hits} 1 / log2(i + 2). It ignores where
+  in L the hit was ranked and is 1.0 whenever the first targets are found, so it is far above the
+  standard NDCG; ComiRec's maintainers recommend reporting Recall and HR only. ComiRec's script
+  also divides recall by the target count with repeats; our recall counts targets as a set.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 DEFAULT_NS: tuple[int, ...] = (10, 20, 50, 100)
-METRICS: tuple[str, ...] = ("recall", "hr", "ndcg")
+METRICS: tuple[str, ...] = ("recall", "hr", "ndcg", "ndcg_comirec")
 
 
 def hit_matrix(ranked: np.ndarray, targets: Sequence[np.ndarray]) -> np.ndarray:
@@ -71,7 +76,22 @@ def per_user_metrics(
             out[f"recall@{n}"] = np.where(n_targets > 0, n_hit / n_targets, 0.0)
             out[f"ndcg@{n}"] = np.where(idcg > 0, dcg / idcg, 0.0)
         out[f"hr@{n}"] = (n_hit > 0).astype(np.float64)
+        out[f"ndcg_comirec@{n}"] = comirec_ndcg(ranked, targets, n)
     return {k: out[k] for k in _ordered_keys(ns)}
+
+
+def comirec_ndcg(ranked: np.ndarray, targets: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """ComiRec's NDCG per user (see the module docstring): discount by position in the target list."""
+    out = np.zeros(len(targets), dtype=np.float64)
+    ranked = np.asarray(ranked, dtype=np.int64)
+    for b, t in enumerate(targets):
+        top = set(ranked[b, :n][ranked[b, :n] >= 0].tolist())
+        found = [j for j, item in enumerate(np.asarray(t).tolist()) if item in top]
+        if found:
+            dcg = sum(1.0 / np.log2(j + 2.0) for j in found)
+            idcg = sum(1.0 / np.log2(i + 2.0) for i in range(len(found)))
+            out[b] = dcg / idcg
+    return out
 
 
 def recall_hr_ndcg(

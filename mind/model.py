@@ -4,6 +4,8 @@ Read it top to bottom; it follows the paper:
 
   1. Embedding & pooling     e_i = mean(item embedding, side-id embeddings)      (Sec. 4.2)
                              p_u = concat(profile-id embeddings)
+     Behaviour time (the paper's future work, Sec. 6), optional:
+                             e_i += T[bucket(t_newest - t_i)]     log2 buckets of the gap to the newest
   2. Multi-interest extractor, B2I dynamic routing (Algorithm 1, Sec. 4.3)
        b_ij ~ N(0, sigma^2)                           routing logits, behaviour i -> interest j
        repeat r times:
@@ -16,6 +18,7 @@ Read it top to bottom; it follows the paper:
   4. Label-aware attention (training only)                                      (Eq. 6)
        v_u = V_u softmax(pow(V_u^T e_label, p))     p = 0: mean, p -> inf: hard attention
   5. Sampled softmax over the item vocabulary, trained with Adam                (Eq. 7-8)
+     (or the full softmax; optionally with interest-aware hard negatives and a routing regulariser, REMI)
   6. Serving: each v_u^k retrieves its own top-N; score(i) = max_k e_i^T v_u^k  (Eq. 3)
 
 K = 1 with routing is "MIND-1"; pooling="mean" with K = 1 is YouTube DNN (the paper's baseline).
@@ -52,7 +55,18 @@ class MINDConfig:
     pooling: str = "routing"  # "routing" (MIND) or "mean" (YouTube DNN)
     stop_grad_routing: bool = True  # no gradient through the logit updates of early iterations
     init_seed: int = 0  # seeds the stored routing init used at inference
-    routing_init: str = "kmeans++"  # "kmeans++" (the paper's future work) or "random" (N(0, sigma^2))
+    routing_init: str = "kmeans++"  # "kmeans++" / "cover" (seeded, the paper's future work) or "random"
+    time_buckets: int = 0  # behaviour-time embedding rows (log2 gap buckets + "unknown"); 0 = no time input
+    recency: int = 0  # recency-rank embedding rows (newest = rank 0, capped; + padding); 0 = off
+    time_into: str = "interest"  # "interest": each interest's mean time vector feeds its ReLU layers;
+    # "behaviour": the time vector is added to e_i before routing (it then moves the clustering too)
+    routing_center: bool = False  # agreement u_j^T (S e_i - mean_i S e_i): route on what sets them apart
+    bilinear: str = "shared"  # "shared": one S (the paper); "per_interest": S_j (ComiRec-DR)
+    train_max: bool = False  # training logits = max over the interests (the serving score) for every item;
+    # False: label-aware attention picks one user vector per example (the paper)
+    dropout: float = 0.0  # dropout on the capsules before the ReLU layers (training only)
+    temperature: float = 0.0  # > 0: unit-length item and interest vectors (cosine), logits / temperature;
+    # every interest then competes on the same scale in the max-merge (Eq. 3); 0 = raw inner products
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +82,18 @@ def interest_count(lengths: torch.Tensor, K: int) -> torch.Tensor:
     """K'_u = max(1, min(K, floor(log2 |I_u|))) (Eq. 9); an empty window still gets one interest."""
     log2 = torch.floor(torch.log2(lengths.clamp(min=1).to(torch.float32))).to(torch.int64)
     return log2.clamp(min=1, max=K)
+
+
+def time_bucket(times: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """Behaviour time as a log2 bucket of its gap to the NEWEST behaviour of the window (no wall clock).
+
+    Relative gaps make offline and streaming give identical inputs. times [B,L] int64 Unix seconds,
+    0 = unknown or padding -> bucket 0 (a zero embedding); else 1 + floor(log2(1 + gap)), capped.
+    """
+    newest = times.max(-1, keepdim=True).values  # [B,1]
+    gap = (newest - times).clamp(min=0).to(torch.float64)  # [B,L] seconds (float64: exact to 2^53)
+    bucket = 1 + torch.floor(torch.log2(1.0 + gap)).to(torch.int64).clamp(max=n_buckets - 2)  # [B,L]
+    return torch.where((times > 0) & (newest > 0), bucket, torch.zeros_like(bucket))
 
 
 def label_aware_attention(
@@ -97,22 +123,63 @@ def sampled_softmax_loss(
     e_neg: torch.Tensor,
     neg: torch.Tensor,
     log_q: torch.Tensor | None = None,
+    beta: float = 0.0,
+    correct_label: bool = False,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax over the label and shared sampled negatives (Eq. 7-8, Jean et al. 2015).
 
-    A negative equal to the label is removed ("accidental hit"). log_q [n_items] is the log
-    sampling probability of every item; subtracting it from each logit (label included) corrects
-    for popularity-biased sampling, so sampling every item once gives exactly the full softmax.
+    A negative equal to the label is removed ("accidental hit"). log_q [n_items] is the log of each
+    item's expected count among the N draws (log N q_j). Subtracting it from each negative's logit
+    makes sum_j exp(s_j - log_q_j) an unbiased estimate of the full softmax's sum over the catalogue,
+    so the loss tends to the full softmax loss as N grows, however skewed the sampler. Passing every
+    item as `neg` (and no log_q) IS the full softmax. correct_label=True also subtracts it from the
+    label's logit, as TensorFlow's sampled_softmax_loss does: that trains s - log q, a popularity-
+    discounted score, and its loss does not tend to the full softmax loss.
+
+    beta > 0: interest-aware hard negatives (REMI's IHN): each negative's term is reweighted by
+    w_j = exp(beta s_j) / mean_k exp(beta s_k), the mean taken over the catalogue as the (corrected)
+    sample estimates it, so hard negatives (close to the user's interest) weigh more; w is a
+    constant of the step (detached), and beta = 0 gives back the plain loss.
+    v_u [B,K,d] with active [B,K]: every item's logit is max_k over the active interests, the score the
+    serving merge ranks by (Eq. 3), so training sees what retrieval will rank.
     v_u [B,d], e_label [B,d], label [B], e_neg [N,d], neg [N] -> scalar
     """
-    pos = (v_u * e_label).sum(-1, keepdim=True)  # [B,1]
-    negs = v_u @ e_neg.T  # [B,N]
-    if log_q is not None:
+    if v_u.dim() == 3:
+        off = (~active)[:, :, None] * -1e4  # [B,K,1] inactive interests never win the max
+        pos = (torch.einsum("bkd,bd->bk", v_u, e_label)[:, :, None] + off).amax(1)  # [B,1]
+        scores = (torch.einsum("bkd,nd->bkn", v_u, e_neg) + off).amax(1)  # [B,N]
+    else:
+        pos = (v_u * e_label).sum(-1, keepdim=True)  # [B,1]
+        scores = v_u @ e_neg.T  # [B,N]  s_j
+    hit = neg[None, :] == label[:, None]  # [B,N] accidental hits
+    correction = -log_q[neg][None, :].expand_as(scores) if log_q is not None else torch.zeros_like(scores)
+    if log_q is not None and correct_label:
         pos = pos - log_q[label][:, None]
-        negs = negs - log_q[neg][None, :]
-    negs = negs.masked_fill(neg[None, :] == label[:, None], float("-inf"))  # [B,N]
+    negs = (scores + correction).masked_fill(hit, float("-inf"))  # [B,N]
+    if beta > 0:
+        s = scores.detach().masked_fill(hit, float("-inf"))
+        c = correction.masked_fill(hit, float("-inf"))
+        log_mean = torch.logsumexp(beta * s + c, -1, keepdim=True) - torch.logsumexp(c, -1, keepdim=True)
+        negs = negs + (beta * s - log_mean)  # [B,N]  + log w_j
     logits = torch.cat([pos, negs], dim=1)  # [B,1+N]
     return F.cross_entropy(logits, torch.zeros_like(label))
+
+
+def routing_regulariser(w: torch.Tensor, mask: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """REMI's routing regulariser: penalises interests that collapse onto one behaviour.
+
+    Each interest's routing weights, normalised over the behaviours (what it reads from each, times
+    the number of behaviours n, so that reading all alike is 1 for any n), have a variance across
+    behaviours: 0 for an even read, about n for a capsule fed by one behaviour. The penalty is the
+    squared norm of those variances per user, averaged over the batch.
+    w [B,L,K] coupling, mask [B,L], active [B,K] -> scalar
+    """
+    m = mask[:, :, None].to(w.dtype)  # [B,L,1]
+    n = m.sum(1, keepdim=True).clamp(min=1.0)  # [B,1,1]
+    a = n * w * m / (w * m).sum(1, keepdim=True).clamp(min=1e-9)  # [B,L,K] each interest over behaviours
+    var = (((a - (a * m).sum(1, keepdim=True) / n) * m) ** 2).sum(1) / n[:, 0]  # [B,K]
+    return ((var * active) ** 2).sum(-1).mean()
 
 
 class MIND(nn.Module):
@@ -120,24 +187,39 @@ class MIND(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, K, L = cfg.d, cfg.K, cfg.max_len
-        self.K, self.L, self.iters = K, L, cfg.iters
+        self.K, self.L, self.d, self.iters = K, L, d, cfg.iters
         self.dynamic_k = cfg.dynamic_k
         self.mean_pooling = cfg.pooling == "mean"
         self.stop_grad_routing = cfg.stop_grad_routing
         self.sigma = cfg.sigma
-        self.kmeans_init = cfg.routing_init == "kmeans++"
+        self.kmeans_init = cfg.routing_init in ("kmeans++", "cover")
+        self.cover_init = cfg.routing_init == "cover"
         # 1. embeddings: item ids, side ids (category, brand, ...), profile ids (age, gender, ...)
         self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=0)
         self.side_emb = nn.Embedding(max(cfg.n_side, 1), d, padding_idx=0)
         self.profile_emb = nn.Embedding(max(cfg.n_profile, 1), cfg.profile_dim, padding_idx=0)
+        # behaviour time: one vector per log2 gap bucket (row 0 = unknown time, adds nothing)
+        self.use_time = cfg.time_buckets > 1
+        self.time_buckets = max(cfg.time_buckets, 2)
+        self.time_emb = nn.Embedding(self.time_buckets, d, padding_idx=0)
+        # behaviour order when no clock is known: the rank of each behaviour counted from the newest
+        self.use_recency = cfg.recency > 1
+        self.recency = max(cfg.recency, 2)
+        self.recency_emb = nn.Embedding(self.recency, d, padding_idx=0)
         # 2. the bilinear map S shared by every behaviour/interest pair
-        self.S = nn.Parameter(torch.empty(d, d))
+        self.routing_center = cfg.routing_center
+        self.per_interest = cfg.bilinear == "per_interest"
+        if cfg.bilinear not in ("shared", "per_interest"):
+            raise ValueError(f"unknown bilinear {cfg.bilinear!r}: use 'shared' or 'per_interest'")
+        self.S = nn.Parameter(torch.empty(K, d, d) if self.per_interest else torch.empty(d, d))
+        self.drop = nn.Dropout(cfg.dropout)
         # fixed routing init for inference: serving must be deterministic per model version
         g = torch.Generator().manual_seed(cfg.init_seed)
         self.register_buffer("b_init", torch.randn(L, K, generator=g) * cfg.sigma)  # [L,K]
-        # 3. ReLU layers over [capsule; profile]
+        # 3. ReLU layers over [capsule; profile] (+ the interest's time vector)
+        self.time_per_interest = cfg.time_into == "interest" and (self.use_time or self.use_recency)
         self.mlp = nn.Sequential(
-            nn.Linear(d + cfg.n_profile_fields * cfg.profile_dim, cfg.hidden),
+            nn.Linear(d + cfg.n_profile_fields * cfg.profile_dim + d * self.time_per_interest, cfg.hidden),
             nn.ReLU(),
             nn.Linear(cfg.hidden, d),
         )
@@ -145,7 +227,11 @@ class MIND(nn.Module):
         nn.init.normal_(self.side_emb.weight, std=d**-0.5)
         nn.init.normal_(self.profile_emb.weight, std=cfg.profile_dim**-0.5)
         nn.init.normal_(self.S, std=d**-0.5)
+        nn.init.normal_(self.time_emb.weight, std=0.1 * d**-0.5)  # starts small: time only nudges e_i
+        nn.init.normal_(self.recency_emb.weight, std=0.1 * d**-0.5)
         with torch.no_grad():
+            self.time_emb.weight[0].zero_()
+            self.recency_emb.weight[0].zero_()
             self.item_emb.weight[0].zero_()
             self.side_emb.weight[0].zero_()
             self.profile_emb.weight[0].zero_()
@@ -159,65 +245,108 @@ class MIND(nn.Module):
         e = self.item_emb(item_ids)  # [...,d]
         side = self.side_emb(side_ids)  # [...,S,d]   (row 0 is zero: "none" adds nothing)
         n = 1.0 + (side_ids > 0).sum(-1, keepdim=True).to(e.dtype)  # [...,1]
-        return (e + side.sum(-2)) / n  # [...,d]
+        e = (e + side.sum(-2)) / n  # [...,d]
+        return F.normalize(e, dim=-1) if self.cfg.temperature > 0 else e  # [...,d]
+
+    def behaviour_time(self, item_ids: torch.Tensor, times: torch.Tensor | None) -> torch.Tensor:
+        """t_i: the embedding of each behaviour's time gap to the newest one and/or of its recency rank.
+
+        item_ids [B,L], times [B,L] or None -> [B,L,d] (zero for padding and unknown times)
+        """
+        mask = item_ids > 0  # [B,L]
+        t = torch.zeros(item_ids.shape[0], item_ids.shape[1], self.d, device=item_ids.device)
+        if self.use_recency:
+            rank = mask.sum(-1, keepdim=True) - 1 - torch.arange(item_ids.shape[1], device=item_ids.device)
+            idx = (1 + rank.clamp(min=0, max=self.recency - 2)) * mask  # [B,L] 1 = newest, 0 = padding
+            t = t + self.recency_emb(idx) * mask[..., None]  # [B,L,d]
+        if self.use_time and times is not None:
+            bucket = time_bucket(times * mask, self.time_buckets)  # [B,L], 0 = unknown
+            t = t + self.time_emb(bucket) * (bucket > 0)[..., None]  # [B,L,d]
+        return t
+
+    def embed_behaviours(
+        self, item_ids: torch.Tensor, side_ids: torch.Tensor, times: torch.Tensor | None
+    ) -> torch.Tensor:
+        """e_i of the behaviours (+ t_i when time goes into the behaviours). -> [B,L,d]"""
+        e = self.embed_items(item_ids, side_ids)  # [B,L,d]
+        if (self.use_time or self.use_recency) and not self.time_per_interest:
+            e = e + self.behaviour_time(item_ids, times)  # [B,L,d]
+        return e
 
     # ---- 2. B2I dynamic routing ------------------------------------------------------------
     def routing(
         self, e: torch.Tensor, mask: torch.Tensor, k_active: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Algorithm 1. e [B,L,d], mask [B,L] (True = real behaviour), k_active [B,K]
-        -> capsules u [B,K,d] and the last coupling coefficients w [B,L,K] (the paper's Fig. 5)"""
+        -> capsules u [B,K,d] and the final coupling coefficients w [B,L,K] (the paper's Fig. 5)"""
         B, L, _ = e.shape
-        Se = e @ self.S.T  # [B,L,d]   S e_i, computed once for all interests
+        if self.per_interest:  # S_j e_i for every interest j: [B,L,K,d]
+            Se = torch.einsum("kcd,bld->blkc", self.S, e)
+        else:
+            Se = (e @ self.S.T)[:, :, None, :].expand(B, L, self.K, e.shape[-1])  # [B,L,K,d] S e_i
         Se_fixed = Se.detach() if self.stop_grad_routing else Se
         if self.kmeans_init:
-            b = self.kmeans_pp_logits(Se_fixed, mask)  # [B,L,K] deterministic, train and serve
+            b = self.kmeans_pp_logits(self.agreement_input(Se_fixed, mask), mask)  # [B,L,K] deterministic
         elif self.training:
             b = torch.randn(B, L, self.K, device=e.device) * self.sigma  # [B,L,K] b_ij ~ N(0, sigma^2)
         else:
             b = self.b_init[:L].unsqueeze(0).expand(B, L, self.K)  # [B,L,K] stored draw
         b = b.masked_fill(~k_active[:, None, :], -1e9)  # inactive interests take no weight
         u = torch.zeros(B, self.K, e.shape[-1], device=e.device, dtype=e.dtype)
-        w = torch.zeros_like(b)
         for it in range(self.iters):
-            last = it == self.iters - 1
-            Se_it = Se if last else Se_fixed
+            Se_it = Se if it == self.iters - 1 else Se_fixed  # the last iteration carries the gradient
             w = b.softmax(-1) * mask[:, :, None]  # [B,L,K] softmax over interests; padding gets 0
-            z = torch.einsum("blk,bld->bkd", w, Se_it)  # [B,K,d] z_j = sum_i w_ij S e_i
+            z = torch.einsum("blk,blkd->bkd", w, Se_it)  # [B,K,d] z_j = sum_i w_ij S e_i
             u = squash(z)  # [B,K,d]
-            if not last:
-                b = b + torch.einsum("bkd,bld->blk", u, Se_it)  # [B,L,K] b_ij += u_j^T S e_i
+            b = b + torch.einsum("bkd,blkd->blk", u, self.agreement_input(Se_it, mask))  # b_ij += u_j^T S e_i
+        w = b.softmax(-1) * mask[:, :, None]  # [B,L,K] the coupling the final capsules settle on
         return u * k_active[:, :, None], w  # [B,K,d], [B,L,K]
+
+    def agreement_input(self, Se: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What the agreement u_j^T (.) reads: S e_i, or with routing_center its deviation from the
+        user's mean behaviour, so that a direction shared by all behaviours (popularity) does not pull
+        every behaviour to the same interest. Se [B,L,K,d], mask [B,L] -> [B,L,K,d]"""
+        if not self.routing_center:
+            return Se
+        m = mask[:, :, None, None].to(Se.dtype)  # [B,L,1,1]
+        mean = (Se * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)  # [B,1,K,d]
+        return (Se - mean) * m
 
     def kmeans_pp_logits(self, Se: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The paper's future work: a K-means++-like routing init instead of random logits.
 
         Interest j starts at a seed behaviour: the newest behaviour first, then each next seed is
-        the behaviour farthest (in cosine) from the seeds so far. b_ij = u_j^T S e_i with
-        u_j = squash(S e_seed_j), i.e. one routing update from capsules placed at the seeds.
-        Se [B,L,d], mask [B,L] -> b [B,L,K]
+        the behaviour farthest (in cosine) from the seeds so far ("kmeans++"), or the one that brings
+        the most behaviours closer to a seed ("cover": greedy k-medoids, so a lone outlier is not a
+        seed). b_ij = u_j^T S e_i with u_j = squash(S e_seed_j), i.e. one routing update from capsules
+        placed at the seeds. Se [B,L,d], mask [B,L] -> b [B,L,K]
         """
         B = Se.shape[0]
         rows = torch.arange(B, device=Se.device)
-        Sn = F.normalize(Se, dim=-1)  # [B,L,d]
+        Sn = F.normalize(Se[:, :, 0], dim=-1)  # [B,L,d]  (seeds are picked in interest 0's projection)
         cos = Sn @ Sn.transpose(1, 2)  # [B,L,L]
         seed = (mask.sum(-1) - 1).clamp(min=0)  # [B] newest behaviour
         seeds = [seed]
         far = (1.0 - cos[rows, seed]).masked_fill(~mask, -1.0)  # [B,L] distance to the nearest seed
         for _ in range(1, self.K):
-            seed = far.argmax(-1)  # [B]
+            if self.cover_init:  # gain of seeding at c: sum_i max(0, far_i - (1 - cos_ic))
+                gain = (far[:, :, None] - (1.0 - cos)).clamp(min=0).sum(1)  # [B,L] per candidate c
+                seed = gain.masked_fill(~mask, -1.0).argmax(-1)  # [B]
+            else:
+                seed = far.argmax(-1)  # [B]
             seeds.append(seed)
             far = torch.minimum(far, (1.0 - cos[rows, seed]).masked_fill(~mask, -1.0))
-        u0 = squash(Se[rows[:, None], torch.stack(seeds, 1)])  # [B,K,d]
-        return torch.einsum("bkd,bld->blk", u0, Se)  # [B,L,K]
+        ks = torch.arange(self.K, device=Se.device)
+        u0 = squash(Se[rows[:, None], torch.stack(seeds, 1), ks[None, :]])  # [B,K,d] seed j in S_j
+        return torch.einsum("bkd,blkd->blk", u0, Se)  # [B,L,K]
 
     # ---- the user tower (what Triton serves) ---------------------------------------------------
     def capsules(
-        self, item_ids: torch.Tensor, side_ids: torch.Tensor
+        self, item_ids: torch.Tensor, side_ids: torch.Tensor, times: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Behaviours -> interest capsules u [B,K,d], active [B,K], coupling w [B,L,K]."""
         mask = item_ids > 0  # [B,L]
-        e = self.embed_items(item_ids, side_ids)  # [B,L,d]
+        e = self.embed_behaviours(item_ids, side_ids, times)  # [B,L,d]
         lengths = mask.sum(-1)  # [B]
         ks = torch.arange(self.K, device=item_ids.device)  # [K]
         if self.mean_pooling:  # YouTube DNN: one interest, the mean behaviour
@@ -233,15 +362,37 @@ class MIND(nn.Module):
         return u, k_active, w
 
     def forward(
-        self, item_ids: torch.Tensor, side_ids: torch.Tensor, profile_ids: torch.Tensor
+        self,
+        item_ids: torch.Tensor,
+        side_ids: torch.Tensor,
+        profile_ids: torch.Tensor,
+        times: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """item_ids [B,L] (0-padded), side_ids [B,L,S], profile_ids [B,P] -> V_u [B,K,d], active [B,K]"""
-        u, k_active, _ = self.capsules(item_ids, side_ids)  # [B,K,d], [B,K]
+        """item_ids [B,L] (0-padded), side_ids [B,L,S], profile_ids [B,P], times [B,L] (Unix s, 0 = unknown;
+        ignored by a model trained without time) -> V_u [B,K,d], active [B,K]"""
+        V, k_active, _ = self.interests(item_ids, side_ids, profile_ids, times)
+        return V, k_active
+
+    def interests(
+        self,
+        item_ids: torch.Tensor,
+        side_ids: torch.Tensor,
+        profile_ids: torch.Tensor,
+        times: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward() plus the coupling w [B,L,K] that the routing regulariser reads."""
+        u, k_active, w = self.capsules(item_ids, side_ids, times)  # [B,K,d], [B,K], [B,L,K]
         p_u = self.profile_emb(profile_ids).flatten(1)  # [B,P*profile_dim]
         p_u = p_u[:, None, :].expand(-1, self.K, -1)  # [B,K,P*profile_dim]
-        V = self.mlp(torch.cat([u, p_u], dim=-1))  # [B,K,d]  3. ReLU layers over [u_j; p_u]
+        x = [self.drop(u), p_u]
+        if self.time_per_interest:  # when interest j's behaviours happened: sum_i w_ij t_i / sum_i w_ij
+            t = self.behaviour_time(item_ids, times)  # [B,L,d]
+            x.append(torch.einsum("blk,bld->bkd", w, t) / w.sum(1)[:, :, None].clamp(min=1e-9))  # [B,K,d]
+        V = self.mlp(torch.cat(x, dim=-1))  # [B,K,d]  3. ReLU layers over [u_j; p_u (; time_j)]
+        if self.cfg.temperature > 0:  # unit interests: the max-merge compares cosines
+            V = F.normalize(V, dim=-1)
         V = V * k_active[:, :, None]  # inactive interests are zero
-        return V, k_active
+        return V, k_active, w
 
     # ---- training ---------------------------------------------------------------------------
     def loss(
@@ -255,13 +406,27 @@ class MIND(nn.Module):
         neg_side: torch.Tensor,
         log_q: torch.Tensor | None = None,
         p: float | None = None,
+        times: torch.Tensor | None = None,
+        beta: float = 0.0,
+        rr: float = 0.0,
+        correct_label: bool = False,
     ) -> torch.Tensor:
-        """Label-aware attention + sampled softmax. label [B], label_side [B,S], neg [N], neg_side [N,S]"""
-        V, active = self(item_ids, side_ids, profile_ids)  # [B,K,d], [B,K]
+        """Label-aware attention + sampled softmax (+ rr x routing regulariser).
+
+        label [B], label_side [B,S], neg [N], neg_side [N,S]; every item as neg = full softmax."""
+        V, active, w = self.interests(item_ids, side_ids, profile_ids, times)  # [B,K,d], [B,K], [B,L,K]
         e_label = self.embed_items(label, label_side)  # [B,d]
-        v_u = label_aware_attention(V, active, e_label, self.cfg.p if p is None else p)  # [B,d]
+        if self.cfg.train_max and not self.mean_pooling:
+            v_u = V  # [B,K,d]: each item scored by its best interest
+        else:
+            v_u = label_aware_attention(V, active, e_label, self.cfg.p if p is None else p)  # [B,d]
+        if self.cfg.temperature > 0:
+            v_u = v_u / self.cfg.temperature  # cosine logits / temperature
         e_neg = self.embed_items(neg, neg_side)  # [N,d]
-        return sampled_softmax_loss(v_u, e_label, label, e_neg, neg, log_q)
+        loss = sampled_softmax_loss(v_u, e_label, label, e_neg, neg, log_q, beta, correct_label, active)
+        if rr > 0 and not self.mean_pooling:
+            loss = loss + rr * routing_regulariser(w, item_ids > 0, active)
+        return loss
 
     @torch.no_grad()
     def item_vectors(self, item_side: torch.Tensor) -> torch.Tensor:

@@ -36,15 +36,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30  # upper bound; early stopping on the validation users usually ends sooner
+    epochs: int = 100  # upper bound; training stops when the validation users stop improving
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
-    neg: int = 1000  # shared sampled negatives per batch
+    neg: int = 1000  # shared sampled negatives per batch (softmax="sampled")
     neg_sampler: str = "popularity"  # "popularity" (count^0.75, log-Q corrected) or "uniform"
-    patience: int = 3  # epochs without validation gain before stopping
+    softmax: str = "sampled"  # "sampled" (neg shared negatives) or "full" (every item, exact)
+    hard_beta: float = 0.0  # interest-aware hard negatives (REMI): weight exp(beta * score); 0 = off
+    rr: float = 0.0  # weight of the routing regulariser (REMI); 0 = off
+    logq_label: bool = True  # also log-Q-correct the label's logit (TensorFlow's convention)
+    horizon: int = 1  # label: one of the next `horizon` items (drawn per step); 1 = next item
+    patience: int = 3  # epochs without validation gain before stopping (convergence)
     select_metric: str = "recall@50"
-    max_seconds: float = 600.0  # wall-clock budget for one model
+    max_seconds: float = 0.0  # optional wall-clock budget for one model; 0 = none, stop by convergence
     seed: int = 42
     threads: int = 0  # torch threads; 0 = torch's default
     # cold start: each step treats this share of the items as unknown (side ids only, the unknown item's id
@@ -59,6 +64,7 @@ class TrainResult:
     best_valid: dict
     samples_per_s: float
     seconds: float
+    stopped_by: str = "convergence"  # "convergence", "epochs" (the upper bound) or "budget" (max_seconds)
     history: list[dict] = field(default_factory=list)
     steps: int = 0  # optimizer steps (the same on every DDP rank)
     replicas: list[str] = field(default_factory=list)  # state_checksum of the final model, per rank
@@ -116,8 +122,8 @@ class _LossStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *args: torch.Tensor | None) -> torch.Tensor:
-        return self.model.loss(*args)
+    def forward(self, *args: torch.Tensor | None, **kwargs: object) -> torch.Tensor:
+        return self.model.loss(*args, **kwargs)
 
 
 def shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
@@ -163,10 +169,15 @@ def feature_tables(inter: Interactions) -> tuple[torch.Tensor, torch.Tensor]:
     return side_t, prof_t
 
 
-def model_config_for(inter: Interactions, **overrides) -> MINDConfig:
-    """A MINDConfig that fits the data set: vocabulary sizes from the data, window from its lengths."""
+def model_config_for(inter: Interactions, users: np.ndarray | None = None, **overrides) -> MINDConfig:
+    """A MINDConfig that fits the data set: vocabulary sizes from the data, window from its lengths.
+
+    `users` (the training users) are the only sequences the window rule looks at, so that nothing
+    about the validation or test users leaks into the model; None = every user (a model trained on all).
+    """
     side_t, prof_t = feature_tables(inter)
-    lengths = np.array([len(s) for s in inter.sequences])
+    rows = range(len(inter.sequences)) if users is None else np.asarray(users).tolist()
+    lengths = np.array([len(inter.sequences[u]) for u in rows])
     max_len = int(min(50, max(10, np.percentile(lengths, 90)))) if len(lengths) else 20
     cfg = dict(
         n_items=inter.n_items,
@@ -176,21 +187,59 @@ def model_config_for(inter: Interactions, **overrides) -> MINDConfig:
         max_len=max_len,
     )
     cfg.update(overrides)
+    if inter.timestamps is None:  # time is learnt only from real timestamps (else it would read noise)
+        cfg["time_buckets"] = 0
     return MINDConfig(**cfg)
 
 
+def case_times(inter: Interactions, cases: list) -> list[np.ndarray] | None:
+    """Unix seconds of each case's history (its user's first len(history) behaviours); None = no times.
+
+    Every protocol's history is a prefix of the user's sequence (mind.split), and so is the stream's
+    window of a replayed user, so this gives the tower the times the stream worker would send.
+    """
+    if inter.timestamps is None:
+        return None
+    return [np.asarray(inter.timestamps[c.user][: len(c.history)]) for c in cases]
+
+
 def training_examples(
-    sequences: list[np.ndarray], users: np.ndarray, max_len: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every next-item prediction of the training users: windows [N,L], targets [N], user rows [N]."""
-    hists, targets, rows = [], [], []
+    sequences: list[np.ndarray],
+    users: np.ndarray,
+    max_len: int,
+    timestamps: list[np.ndarray] | None = None,
+) -> tuple[np.ndarray, ...]:
+    """Every next-item prediction of the training users: windows [N,L], targets [N], user rows [N]
+    (and, with timestamps, the windows' Unix seconds [N,L])."""
+    hists, targets, rows, times = [], [], [], []
     for u in users:
         s = sequences[u]
         for t in range(1, len(s)):
             hists.append(s[max(0, t - max_len) : t])
             targets.append(s[t])
             rows.append(u)
-    return pad_windows(hists, max_len), np.asarray(targets, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+            if timestamps is not None:
+                times.append(timestamps[u][max(0, t - max_len) : t])
+    out = (pad_windows(hists, max_len), np.asarray(targets, dtype=np.int64), np.asarray(rows, dtype=np.int64))
+    return out + ((pad_windows(times, max_len),) if timestamps is not None else ())
+
+
+def future_items(sequences: list[np.ndarray], users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every example of `training_examples` (same order): where its next item sits in one flat array
+    of the users' sequences, and how many items follow the window (the next one included).
+
+    -> flat [sum of lengths], start [N] (flat index of the next item), room [N] (>= 1)
+    """
+    flat, start, room, at = [], [], [], 0
+    for u in users:
+        s = sequences[u]
+        flat.append(np.asarray(s, dtype=np.int64))
+        n = len(s)
+        start.extend(range(at + 1, at + n))
+        room.extend(range(n - 1, 0, -1))
+        at += n
+    cat = np.concatenate(flat) if flat else np.zeros(0, dtype=np.int64)
+    return cat, np.asarray(start, dtype=np.int64), np.asarray(room, dtype=np.int64)
 
 
 def negative_distribution(
@@ -210,19 +259,31 @@ def negative_distribution(
 
 @torch.no_grad()
 def encode(
-    model: MIND, inter: Interactions, histories: list[np.ndarray], users: np.ndarray, batch: int = 1024
+    model: MIND,
+    inter: Interactions,
+    histories: list[np.ndarray],
+    users: np.ndarray,
+    batch: int = 1024,
+    times: list[np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The user tower in process: interest vectors [B,K,d] and active mask [B,K] for histories.
 
+    times: Unix seconds of each history's behaviours (None = unknown, all zeros), the TIMES input.
     Runs on the model's device (a DDP rank validates on its GPU); the results stay there.
     """
     dev = next(model.parameters()).device
     side_t, prof_t = (t.to(dev) for t in feature_tables(inter))
     model.eval()
     Vs, actives = [], []
+    L = model.cfg.max_len
     for i in range(0, len(histories), batch):
-        ids = torch.as_tensor(pad_windows(histories[i : i + batch], model.cfg.max_len)).to(dev)
-        V, active = model(ids, side_t[ids], prof_t[torch.as_tensor(users[i : i + batch]).to(dev)])
+        ids = torch.as_tensor(pad_windows(histories[i : i + batch], L)).to(dev)
+        ts = torch.as_tensor(
+            pad_windows(times[i : i + batch], L) if times is not None else np.zeros(ids.shape)
+        )
+        V, active = model(
+            ids, side_t[ids], prof_t[torch.as_tensor(users[i : i + batch]).to(dev)], ts.to(dev, torch.int64)
+        )
         Vs.append(V)
         actives.append(active)
     return torch.cat(Vs), torch.cat(actives)
@@ -233,7 +294,13 @@ def recommend(model: MIND, inter: Interactions, cases: list, n: int) -> np.ndarr
     """Offline retrieval exactly as served: per-interest exact top-n, merged by max score (Eq. 3)."""
     side_t, _ = feature_tables(inter)
     items = model.item_vectors(side_t.to(next(model.parameters()).device))  # [M,d]
-    V, active = encode(model, inter, [c.history for c in cases], np.array([c.user for c in cases]))
+    V, active = encode(
+        model,
+        inter,
+        [c.history for c in cases],
+        np.array([c.user for c in cases]),
+        times=case_times(inter, cases),
+    )
     ids, scores = exact_topn(V, active, items, n)  # [B,K,n]
     merged, _, _ = merge_interests(ids, scores, n)
     return np.asarray(merged)
@@ -278,14 +345,26 @@ def train(
     dev = torch.device(d.device)
     model.to(dev)
     side_t, prof_t = (t.to(dev) for t in feature_tables(inter))
-    H, T, U = training_examples(inter.sequences, np.asarray(train_users), model.cfg.max_len)
+    stamps = inter.timestamps if model.use_time else None
+    H, T, U, *Ts = training_examples(inter.sequences, np.asarray(train_users), model.cfg.max_len, stamps)
     H_t, T_t, U_t = (torch.as_tensor(a).to(dev) for a in (H, T, U))
+    Ts_t = torch.as_tensor(Ts[0]).to(dev) if Ts else None
+    if cfg.horizon > 1:  # the label is drawn among the next `horizon` items, anew at every step
+        flat, first, room = (
+            torch.as_tensor(a).to(dev) for a in future_items(inter.sequences, np.asarray(train_users))
+        )
+        room = room.clamp(max=cfg.horizon)
+    if cfg.softmax not in ("sampled", "full"):
+        raise ValueError(f"unknown softmax {cfg.softmax!r}: use 'sampled' or 'full'")
+    full = cfg.softmax == "full"
     q = negative_distribution(inter.sequences, np.asarray(train_users), inter.n_items, cfg.neg_sampler)
     q = q.to(dev)
-    log_q = torch.log(q.clamp(min=1e-12) * cfg.neg) if cfg.neg_sampler != "uniform" else None
+    log_q = torch.log(q.clamp(min=1e-12) * cfg.neg) if cfg.neg_sampler != "uniform" and not full else None
     n_items = model.cfg.n_items
     if cfg.unknown_rate > 0 and log_q is not None:
         log_q = torch.cat([log_q, log_q])  # an item made unknown (index + n_items) keeps its correction
+    all_items = torch.arange(2, inter.n_items, device=dev)  # the full softmax's "negatives": every item
+    extra = {"beta": cfg.hard_beta, "rr": cfg.rr, "correct_label": cfg.logq_label}
     step: nn.Module | None = None
     if d.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -304,6 +383,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     best, best_epoch, best_state, history = -math.inf, -1, None, []
+    stopped_by = "epochs"
     start, seen, bad, steps = time.perf_counter(), 0, 0, 0
     train_seconds = 0.0
     epoch = 0
@@ -321,14 +401,18 @@ def train(
         for i in bar:
             idx = order[i : i + cfg.batch_size]
             ids, label, rows = H_t[idx], T_t[idx], U_t[idx]
-            neg = torch.multinomial(q, cfg.neg, replacement=True)
+            if cfg.horizon > 1:
+                off = (torch.rand(len(idx), device=dev) * room[idx]).long()  # [b] in [0, room)
+                label = flat[first[idx] + off]
+            neg = all_items if full else torch.multinomial(q, cfg.neg, replacement=True)
             sides = (side_t[ids], side_t[label], side_t[neg])
             if cfg.unknown_rate > 0:  # these items, wherever they occur in the step, as cold-start items
                 unknown = torch.rand(n_items, device=dev) < cfg.unknown_rate
                 unknown[:2] = False
                 ids, label, neg = (torch.where(unknown[x], x + n_items, x) for x in (ids, label, neg))
             args = (ids, sides[0], prof_t[rows], label, sides[1], neg, sides[2], log_q)
-            loss = step(*args) if step is not None else model.loss(*args)
+            kw = {**extra, "times": Ts_t[idx] if Ts_t is not None else None}
+            loss = step(*args, **kw) if step is not None else model.loss(*args, **kw)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -356,8 +440,10 @@ def train(
         else:
             bad += 1
         # the wall clock differs per rank: stop when any rank is over budget, all at the same epoch
-        (late,) = _all_reduce([float(time.perf_counter() - start > cfg.max_seconds)], d, "max")
+        over = cfg.max_seconds > 0 and time.perf_counter() - start > cfg.max_seconds
+        (late,) = _all_reduce([float(over)], d, "max")
         if bad >= cfg.patience or late:
+            stopped_by = "convergence" if bad >= cfg.patience else "budget"
             break
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -381,6 +467,7 @@ def train(
         history=history,
         steps=steps,
         replicas=replicas,
+        stopped_by=stopped_by,
     )
 
 

@@ -8,6 +8,10 @@ it cannot know the vocabularies. An out-of-range or negative id would otherwise 
 `nn.Embedding` (or silently read garbage on GPU); here it becomes a per-request TritonError naming the
 input, while the other requests merged into the same dynamic batch are still answered.
 
+TIMES (optional): the behaviours' Unix seconds [L], 0 = unknown/padding; a request without it counts as all
+unknown. It reaches the tower only when meta.json says the tower takes it ("times_input"), and only a tower
+trained with behaviour time reads it (as gaps to the window's newest behaviour, so no wall clock).
+
 Which export answered: Triton's response names the numbered version; the optional output META
 (TYPE_STRING [2] = model_version, vocab_hash) maps it to the export, and is computed only when a client
 asks for it (the 2.51 stub has no response parameters, so an output is the simple in-band way).
@@ -76,15 +80,19 @@ class TritonPythonModel:
             np.asarray(m["profile_vocab"], dtype=np.int64) if m.get("profile_vocab") else None
         )
         self.has_coupling = hasattr(self.model, "capsules")  # scripted MIND keeps it (forward calls it)
+        self.times_input = bool(m.get("times_input"))
         self.meta_row = np.array(
             [str(m["model_version"]).encode(), str(m["vocab_hash"]).encode()], dtype=np.object_
         )
 
-    def _validate(self, items: np.ndarray, side: np.ndarray, prof: np.ndarray) -> str | None:
+    def _validate(
+        self, items: np.ndarray, side: np.ndarray, prof: np.ndarray, times: np.ndarray
+    ) -> str | None:
         for err in (
             _check_range("ITEM_IDS", items, self.n_items),
             _check_range("SIDE_IDS", side, self.side_vocab),
             _check_range("PROFILE_IDS", prof, self.profile_vocab),
+            _check_range("TIMES", times, None),
         ):
             if err:
                 return err
@@ -96,31 +104,36 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
         good: list[int] = []
-        batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        batches: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         want_meta: list[bool] = []
         want_coupling: list[bool] = []
         for i, req in enumerate(requests):
             items = pb_utils.get_input_tensor_by_name(req, "ITEM_IDS").as_numpy()
             side = pb_utils.get_input_tensor_by_name(req, "SIDE_IDS").as_numpy()
             prof = pb_utils.get_input_tensor_by_name(req, "PROFILE_IDS").as_numpy()
-            err = self._validate(items, side, prof)
+            t = pb_utils.get_input_tensor_by_name(req, "TIMES")  # optional: None when not sent
+            times = t.as_numpy() if t is not None else np.zeros(items.shape, dtype=np.int64)
+            err = self._validate(items, side, prof, times)
             if err:
                 responses[i] = pb_utils.InferenceResponse(
                     output_tensors=[], error=pb_utils.TritonError(f"{self.name}: {err}")
                 )
             else:
                 good.append(i)
-                batches.append((items, side, prof))
+                batches.append((items, side, prof, times))
                 want_meta.append("META" in req.requested_output_names())
                 want_coupling.append(self.has_coupling and "COUPLING" in req.requested_output_names())
         if good:
             sizes = [b[0].shape[0] for b in batches]
             cat = [
-                torch.from_numpy(np.concatenate([b[j] for b in batches])).to(self.device) for j in range(3)
+                torch.from_numpy(np.concatenate([b[j] for b in batches])).to(self.device) for j in range(4)
             ]
             try:
                 with torch.inference_mode():
-                    interests, active = self.model(cat[0], cat[1], cat[2])
+                    if self.times_input:
+                        interests, active = self.model(cat[0], cat[1], cat[2], cat[3])
+                    else:
+                        interests, active = self.model(cat[0], cat[1], cat[2])
                 interests_np = interests.float().cpu().numpy()
                 active_np = active.to(torch.bool).cpu().numpy()
             except Exception as exc:  # noqa: BLE001 - a model failure must become an error response
@@ -140,7 +153,7 @@ class TritonPythonModel:
                 if coupling:
                     rows = slice(start, start + n)
                     try:
-                        w = self._coupling(cat[0][rows], cat[1][rows])
+                        w = self._coupling(cat[0][rows], cat[1][rows], cat[3][rows])
                     except Exception as exc:  # noqa: BLE001 - this request fails, the others are answered
                         responses[i] = pb_utils.InferenceResponse(
                             output_tensors=[],
@@ -153,10 +166,13 @@ class TritonPythonModel:
                 start += n
         return responses
 
-    def _coupling(self, items: torch.Tensor, side: torch.Tensor) -> np.ndarray:
+    def _coupling(self, items: torch.Tensor, side: torch.Tensor, times: torch.Tensor) -> np.ndarray:
         """Coupling coefficients w [n, L, K] of these rows (padding rows and inactive interests are 0)."""
         with torch.inference_mode():
-            _, _, w = self.model.capsules(items, side)
+            if self.times_input:
+                _, _, w = self.model.capsules(items, side, times)
+            else:
+                _, _, w = self.model.capsules(items, side)
         return np.ascontiguousarray(w.float().cpu().numpy())
 
     def finalize(self) -> None:

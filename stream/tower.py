@@ -13,6 +13,7 @@ version that answered the first, so one call never mixes versions even while a n
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +90,22 @@ class TritonTower:
     def max_batch_size(self) -> int:
         return int(self.config()["max_batch_size"])
 
+    @property
+    def takes_times(self) -> bool:
+        """Whether the served config has the optional TIMES input (configs exported before it do not)."""
+        return any(t["name"] == "TIMES" for t in self.config()["input"])
+
+    def _inputs(self, named: Sequence[tuple[str, np.ndarray | None]]) -> list[grpcclient.InferInput]:
+        """INT64 inputs; TIMES only when given and the served config has it."""
+        inputs = []
+        for name, arr in named:
+            if arr is None or (name == "TIMES" and not self.takes_times):
+                continue
+            inp = grpcclient.InferInput(name, list(arr.shape), "INT64")
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        return inputs
+
     def ready(self, version: str = "") -> bool:
         """True when the server is up and the model (or that version) is ready; never raises."""
         try:
@@ -148,13 +165,17 @@ class TritonTower:
 
     # ---- inference ----------------------------------------------------------------------------
     def _infer_chunk(
-        self, items: np.ndarray, side: np.ndarray, prof: np.ndarray, version: str, with_meta: bool = False
+        self,
+        items: np.ndarray,
+        side: np.ndarray,
+        prof: np.ndarray,
+        version: str,
+        with_meta: bool = False,
+        times: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, str]:
-        inputs = []
-        for name, arr in (("ITEM_IDS", items), ("SIDE_IDS", side), ("PROFILE_IDS", prof)):
-            inp = grpcclient.InferInput(name, list(arr.shape), "INT64")
-            inp.set_data_from_numpy(arr)
-            inputs.append(inp)
+        inputs = self._inputs(
+            (("ITEM_IDS", items), ("SIDE_IDS", side), ("PROFILE_IDS", prof), ("TIMES", times))
+        )
         names = ("INTERESTS", "ACTIVE", "META") if with_meta else ("INTERESTS", "ACTIVE")
         try:
             res = self.client.infer(
@@ -185,10 +206,13 @@ class TritonTower:
         side_ids: np.ndarray,
         profile_ids: np.ndarray,
         version: str = "",
+        times: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, str]:
         """[B,L], [B,L,S], [B,P] int ids -> interests [B,K,d] float32, active [B,K] bool, served version.
 
         Windows must be right-padded with 0 to the model's max length L (see model_repo/README.md).
+        `times` [B,L] (Unix seconds of each behaviour, 0 = unknown) feeds a tower trained with behaviour
+        time; it is sent only when the served config has the TIMES input.
         `version` pins a numbered version; "" lets the server's policy choose. An empty batch returns
         empty arrays and served version "" without a call.
         """
@@ -199,6 +223,10 @@ class TritonTower:
                 raise TowerError(f"{name} must be integer ids, got dtype {a.dtype}")
             arrs.append(np.ascontiguousarray(a, dtype=np.int64))
         items, side, prof = arrs
+        if times is not None:
+            times = np.ascontiguousarray(times, dtype=np.int64)
+            if times.shape != items.shape:
+                raise TowerError(f"times must have the shape of item_ids {items.shape}, got {times.shape}")
         if not (items.ndim == 2 and side.ndim == 3 and prof.ndim == 2):
             raise TowerError(f"expected [B,L], [B,L,S], [B,P]; got {items.shape}, {side.shape}, {prof.shape}")
         if not items.shape[0] == side.shape[0] == prof.shape[0]:
@@ -208,14 +236,18 @@ class TritonTower:
             return np.zeros([0, *dims["INTERESTS"]], np.float32), np.zeros([0, *dims["ACTIVE"]], bool), ""
         mbs = self.max_batch_size
         if items.shape[0] <= mbs:
-            return self._infer_chunk(items, side, prof, version)
+            return self._infer_chunk(items, side, prof, version, times=times)
         for _attempt in range(2):  # a reload may retire the pinned version between chunks: retry once
             outs: list[tuple[np.ndarray, np.ndarray]] = []
             pinned = version
             try:
                 for s in range(0, items.shape[0], mbs):
                     i, a, served = self._infer_chunk(
-                        items[s : s + mbs], side[s : s + mbs], prof[s : s + mbs], pinned
+                        items[s : s + mbs],
+                        side[s : s + mbs],
+                        prof[s : s + mbs],
+                        pinned,
+                        times=times[s : s + mbs] if times is not None else None,
                     )
                     pinned = pinned or served
                     outs.append((i, a))
@@ -237,7 +269,12 @@ class TritonTower:
         return self._meta[v]
 
     def coupling(
-        self, item_ids: np.ndarray, side_ids: np.ndarray, profile_ids: np.ndarray, version: str = ""
+        self,
+        item_ids: np.ndarray,
+        side_ids: np.ndarray,
+        profile_ids: np.ndarray,
+        version: str = "",
+        times: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
         """Like `infer`, plus the optional COUPLING output: [B,L], [B,L,S], [B,P] -> interests [B,K,d],
         active [B,K], coupling [B,L,K] (routing's last w_ij: which behaviour fed which interest), served
@@ -247,11 +284,10 @@ class TritonTower:
         arrs = [np.ascontiguousarray(a, dtype=np.int64) for a in (item_ids, side_ids, profile_ids)]
         if not 0 < arrs[0].shape[0] <= self.max_batch_size:
             raise TowerError(f"coupling takes 1..{self.max_batch_size} rows, got {arrs[0].shape[0]}")
-        inputs = []
-        for name, arr in zip(("ITEM_IDS", "SIDE_IDS", "PROFILE_IDS"), arrs, strict=True):
-            inp = grpcclient.InferInput(name, list(arr.shape), "INT64")
-            inp.set_data_from_numpy(arr)
-            inputs.append(inp)
+        t = np.ascontiguousarray(times, dtype=np.int64) if times is not None else None
+        inputs = self._inputs(
+            (*zip(("ITEM_IDS", "SIDE_IDS", "PROFILE_IDS"), arrs, strict=True), ("TIMES", t))
+        )
         try:
             res = self.client.infer(
                 self.model_name,

@@ -71,7 +71,7 @@ from redis.retry import Retry
 from tenacity import RetryCallState, Retrying, retry_if_exception, retry_if_exception_type, wait_exponential
 
 from indexer.store import MAX_TOPK, IndexUnavailable, InvalidQuery, ItemIndex, VersionMismatch
-from mind.dataset import OOV
+from mind.dataset import OOV, pad_windows
 from stream import health, metrics
 from stream.catalogue import CatalogueStore, LiveCatalog, VersionView
 from stream.fetch import available
@@ -320,7 +320,8 @@ class Worker:
         profiles = [view.profile_row(g.user_id, g.trigger.profile_ids) for g in groups]
         items, side, prof = view.tower_inputs([w.items for w in batch.windows], profiles, self.max_len)
         items = np.where(items >= view.n_items, OOV, items)
-        return self.tower.infer(items, side, prof)
+        times = pad_windows([w.times for w in batch.windows], self.max_len)  # aligned with the items
+        return self.tower.infer(items, side, prof, times=times)
 
     def _produce(self, topic: str, key: Any, value: bytes, on_delivery: Callable[..., None]) -> None:
         deadline = time.monotonic() + self.flush_timeout_s

@@ -277,8 +277,10 @@ def replay(
                 time.sleep(wait)
             c, now = cases[ci], time.time()
             sent_at[users[ci]].append(now)  # before producing: the reader may see the recall at once
+            # the click's own time, as offline: a tower trained with behaviour time reads its gaps
+            at = float(inter.timestamps[c.user][pos]) if inter.timestamps is not None else now
             value = dump_click(
-                Click(f"replay-{tag}-{c.user}-{pos}", users[ci], vocab.raw_of(int(c.history[pos])), now)
+                Click(f"replay-{tag}-{c.user}-{pos}", users[ci], vocab.raw_of(int(c.history[pos])), at)
             )
             while True:
                 try:

@@ -2,12 +2,17 @@
 
 import json
 
+import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
+from mind import experiment
+from mind.evaluate import paired_difference
 from mind.experiment import run_offline, table
+from mind.split import comirec_split
 from mind.synthetic import generate, to_jsonl
-from mind.train import TrainConfig
+from mind.train import TrainConfig, model_config_for
 
 
 def test_run_offline_reports_every_model_and_both_protocols(tmp_path):
@@ -25,7 +30,7 @@ def test_run_offline_reports_every_model_and_both_protocols(tmp_path):
     assert set(saved["models"]) == {"mostpop", "itemcf", "youtube_dnn", "mind_1", "mind"}
     for metrics in saved["models"].values():
         for n in (10, 20, 50, 100):
-            assert 0.0 <= metrics[f"recall@{n}"] <= metrics[f"hr@{n}"] <= 1.0
+            assert 0.0 <= metrics[f"recall@{n}"] <= 1.0 and 0.0 <= metrics[f"hr@{n}"] <= 1.0
     assert set(saved["secondary"]["models"]["mind"]) == {"hr@10", "hr@20", "hr@50", "hr@100"}
     assert saved["train"]["mind"]["samples_per_s"] > 0
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
@@ -90,3 +95,120 @@ def test_cli_reads_option_defaults_from_a_file_and_flags_win(tmp_path, monkeypat
     cfg.write_text("[train]\nepoch = 1\n")
     res = runner.invoke(app, ["--defaults", str(cfg), "train"])
     assert res.exit_code == 2 and "has no option epoch" in res.output
+
+
+def test_seeds_give_standard_errors_paired_intervals_and_the_k_reached(tmp_path):
+    inter = generate(n_users=240, n_items=150, n_categories=8, seed=4)
+    report = run_offline(
+        inter,
+        out=tmp_path / "r.json",
+        models=("mostpop", "mind_1", "mind"),
+        model_overrides={"d": 16},
+        train_overrides={"epochs": 1, "neg": 50, "threads": 1},
+        seeds=2,
+        progress=False,
+    )
+    assert report["seeds"] == [42, 43] and len(report["per_seed"]["mind"]) == 2
+    assert set(report["stderr"]) == {"mind_1", "mind"}  # a baseline has no seed noise
+    for pair in ("mind_vs_mind_1", "mind_vs_mostpop"):
+        r = report["paired"][pair]["recall@50"]
+        assert r["ci_low"] <= r["diff"] <= r["ci_high"] and r["users"] == report["users"]["test"]
+        assert r["diff"] == pytest.approx(
+            report["models"]["mind"]["recall@50"] - report["models"][pair.split("_vs_")[1]]["recall@50"]
+        )
+    reached = report["interests"]["mind"]["k_reached_test"]
+    assert sum(reached.values()) == report["users"]["test"] and max(map(int, reached)) <= 4
+    groups = report["by_k_reached"]["recall@50"]
+    assert sum(g["users"] for g in groups.values()) == report["users"]["test"]
+    assert report["settings"]["mind"]["why"]["max_len"].startswith("rule:")
+    assert (tmp_path / "r_coupling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_difference_hand_computed():
+    a = np.array([1.0, 0.0, 1.0, 1.0])
+    b = np.array([0.0, 0.0, 1.0, 0.0])
+    r = paired_difference(a, b)
+    # differences 1, 0, 0, 1: mean 0.5, sample sd 0.57735, se 0.288675, t(0.975, 3) = 3.182446
+    assert r["diff"] == pytest.approx(0.5) and r["se"] == pytest.approx(0.288675, rel=1e-5)
+    assert r["ci_low"] == pytest.approx(0.5 - 3.182446 * 0.288675, rel=1e-5)
+    assert r["ci_high"] == pytest.approx(0.5 + 3.182446 * 0.288675, rel=1e-5)
+    assert r["relative"] == pytest.approx(0.5 / 0.25)
+
+
+class _NoTestUsers(list):
+    """A test-case list that fails on any access: the search must never look at the test users."""
+
+    def __iter__(self):
+        raise AssertionError("the search looked at the test users")
+
+    def __getitem__(self, i):
+        raise AssertionError("the search looked at the test users")
+
+    def __len__(self):
+        raise AssertionError("the search looked at the test users")
+
+
+def test_tune_keeps_the_best_validation_candidate_and_never_reads_test_users(monkeypatch):
+    inter = generate(n_users=200, n_items=120, n_categories=6, seed=2)
+    split = comirec_split(inter)
+    split.test = _NoTestUsers()
+    seen = []
+
+    def fake_score(inter, split, name, settings, seed, progress):
+        seen.append(dict(settings.model, **settings.train))
+        # a made-up validation surface: lr 3e-3 and K = 4 are best, the window prefers the largest
+        score = (settings.train.get("lr") == 3e-3) + (settings.model.get("K") == 4)
+        score += settings.model.get("max_len", 0) / 1000
+        return {"valid": {"recall@50": score}, "best_epoch": 1}
+
+    monkeypatch.setattr(experiment, "valid_score", fake_score)
+    start = experiment.rule_settings(inter, split, "mind")
+    chosen, trials = experiment.tune(inter, split, "mind", start, seed=0, progress=False)
+    windows = [
+        c["model"]["max_len"]
+        for s, cands in experiment.search_space(inter, split, "mind")
+        for c in cands
+        if s == "max_len"
+    ]
+    assert chosen.train["lr"] == 3e-3 and chosen.model["K"] == 4 and chosen.model["max_len"] == max(windows)
+    assert all(t["setting"] in {"negatives", "lr", "max_len", "K"} for t in trials)
+    assert len(trials) == len(seen)  # each distinct candidate trained once
+    assert chosen.why["K"].startswith("tune:")
+
+
+def test_the_window_rule_reads_training_users_only():
+    inter = generate(n_users=300, n_items=150, n_categories=6, seed=1, seq_len=(10, 20))
+    split = comirec_split(inter)
+    before = model_config_for(inter, split.train_users).max_len
+    for u in np.concatenate([split.valid_users, split.test_users]).tolist():
+        inter.sequences[u] = np.concatenate([inter.sequences[u]] * 5)  # held-out users get long histories
+    assert model_config_for(inter, split.train_users).max_len == before
+    assert model_config_for(inter).max_len > before  # (all users would have moved it)
+
+
+def test_ablation_flips_one_lever_against_the_defaults(tmp_path):
+    inter = generate(n_users=200, n_items=120, n_categories=6, seed=3)
+    inter.timestamps = None  # a data set without a clock, like Beauty
+    report = run_offline(
+        inter,
+        models=("mind",),
+        model_overrides={"d": 16},
+        train_overrides={"epochs": 1, "neg": 40, "threads": 1},
+        do_ablate=True,
+        levers=("ihn", "time", "K2"),
+        progress=False,
+    )
+    abl = report["ablation"]
+    assert abl["base"]["valid"]["recall@50"] == report["train"]["mind"]["valid_recall@50"]
+    rows = {r["key"]: r for r in abl["levers"]}
+    assert set(rows) == {"ihn", "time", "K2"}
+    assert rows["time"]["applies"] is False  # no timestamps, no time lever
+    ihn = rows["ihn"]
+    assert (
+        ihn["applies"]
+        and ihn["patch"]["train"]["hard_beta"] != report["config"]["train"]["mind"]["hard_beta"]
+    )
+    assert ihn["delta"]["recall@50"] == pytest.approx(
+        ihn["valid"]["recall@50"] - abl["base"]["valid"]["recall@50"]
+    )
+    assert rows["K2"]["max_len"] == report["interests"]["mind"]["max_len"]

@@ -22,10 +22,11 @@ def test_layout_config_and_meta(tmp_path):
     assert {p.name for p in (d / "1").iterdir()} == {"model.pt", "model.py", "meta.json", "item_side.npy"}
     cfg = parse_config(d / "config.pbtxt")  # Triton's own schema: unknown fields would raise
     assert cfg.backend == "python" and cfg.max_batch_size == 256
-    assert [(t.name, list(t.dims)) for t in cfg.input] == [
-        ("ITEM_IDS", [L]),
-        ("SIDE_IDS", [L, S]),
-        ("PROFILE_IDS", [2]),
+    assert [(t.name, list(t.dims), t.optional) for t in cfg.input] == [
+        ("ITEM_IDS", [L], False),
+        ("SIDE_IDS", [L, S], False),
+        ("PROFILE_IDS", [2], False),
+        ("TIMES", [L], True),  # behaviour times: optional, a request without them is all "unknown"
     ]
     assert [(t.name, list(t.dims)) for t in cfg.output] == [
         ("INTERESTS", [K, D]),
@@ -45,6 +46,7 @@ def test_layout_config_and_meta(tmp_path):
         D,
     )
     assert m1["created"] and np.array_equal(np.load(d / "1" / "item_side.npy"), item_side)
+    assert (m1["times_input"], m1["uses_time"]) == (False, False)  # the toy tower has no `times`
     loaded = torch.jit.load(str(d / "2" / "model.pt"))
     batch = random_batch(6, seed=3)
     got = loaded(*(torch.from_numpy(x) for x in batch))
@@ -110,3 +112,70 @@ def test_triton_equals_torch(triton, name):
     empty = client.infer(*random_batch(2, lengths=[0, 0]))[1]
     assert empty.sum(1).tolist() == [1, 1]  # an empty window still gets one interest
     assert client.meta("1").model_version == f"{name}-1"
+
+
+def _mind(time_buckets: int) -> torch.nn.Module:
+    from mind.model import MIND, MINDConfig
+
+    torch.manual_seed(0)
+    cfg = MINDConfig(
+        n_items=N_ITEMS,
+        n_side=7,
+        n_profile=5,
+        n_profile_fields=2,
+        d=D,
+        K=K,
+        max_len=L,
+        time_buckets=time_buckets,
+    )
+    model = MIND(cfg).eval()
+    with torch.no_grad():
+        model.time_emb.weight.normal_()  # as if trained: time changes the interests
+    return model
+
+
+def _timed_batch(B: int, seed: int) -> tuple[np.ndarray, ...]:
+    items, side, prof = random_batch(B, seed=seed)
+    g = np.random.default_rng(seed)
+    times = (1_650_000_000 + np.cumsum(g.integers(0, 10**6, size=items.shape), axis=1)) * (items > 0)
+    return items, side, prof, times.astype(np.int64)
+
+
+def test_meta_says_whether_the_tower_reads_time(tmp_path):
+    export(_mind(0), tmp_path, "plain", "p-1")
+    export(_mind(32), tmp_path, "timed", "t-1")
+    assert (read_meta(tmp_path, "plain", 1)["times_input"], read_meta(tmp_path, "plain", 1)["uses_time"]) == (
+        True,
+        False,
+    )
+    assert read_meta(tmp_path, "timed", 1)["uses_time"] is True
+
+
+@pytest.mark.slow
+def test_triton_passes_times_to_a_time_aware_tower(triton):
+    """TIMES reaches the tower: Triton equals torch with the times; without TIMES, torch on zero times."""
+    import tritonclient.grpc as grpcclient
+
+    tower = _mind(32)
+    export(tower, triton.repo, "mind_time", "mt-1", n_side=S, side_vocab=7, profile_vocab=5)
+    client = TritonTower(triton.server.grpc_url, "mind_time")
+    client.load()
+
+    def infer(batch: tuple[np.ndarray, ...]) -> np.ndarray:
+        inputs = []
+        for name, arr in zip(("ITEM_IDS", "SIDE_IDS", "PROFILE_IDS", "TIMES"), batch, strict=False):
+            inp = grpcclient.InferInput(name, list(arr.shape), "INT64")
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        res = client.client.infer("mind_time", inputs)
+        return res.as_numpy("INTERESTS")
+
+    for B, seed in ((1, 0), (9, 1), (64, 2)):
+        batch = _timed_batch(B, seed)
+        with torch.inference_mode():
+            ref = tower(*(torch.from_numpy(x) for x in batch))[0].numpy()
+            ref0 = tower(*(torch.from_numpy(x) for x in batch[:3]))[0].numpy()
+        assert np.abs(infer(batch) - ref).max() <= 1e-5
+        assert np.abs(infer(batch[:3]) - ref0).max() <= 1e-5  # no TIMES = unknown times
+        assert np.abs(ref - ref0).max() > 1e-3  # and the times did matter
+    client.close()

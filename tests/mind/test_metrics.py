@@ -45,7 +45,43 @@ def test_exact_numbers_and_average():
     # ndcg@4 user1 = (1 + 1/log2 5) / (1 + 1/log2 3) = 1.4306765580733931 / 1.6309297535714575
     assert m["ndcg@4"] == pytest.approx((0.6309297535714575 + 1.4306765580733931 / 1.6309297535714575) / 3)
     assert m["recall@4"] == pytest.approx(2 / 3)
-    assert list(m) == ["recall@2", "recall@4", "hr@2", "hr@4", "ndcg@2", "ndcg@4"]
+    assert list(m) == [
+        "recall@2",
+        "recall@4",
+        "hr@2",
+        "hr@4",
+        "ndcg@2",
+        "ndcg@4",
+        "ndcg_comirec@2",
+        "ndcg_comirec@4",
+    ]
+
+
+def test_recall_is_at_most_hr_hand_computed():
+    """recall <= hr holds per user: recall is a share of the targets found, hr whether any was found."""
+    ranked = np.array([[5, 1, 2], [9, 8, 7], [3, 4, 6]])
+    targets = [np.array([1, 2, 3, 4]), np.array([6]), np.array([3, 4])]
+    m = per_user_metrics(ranked, targets, ns=(1, 3))
+    # user 0: 2 of 4 targets in the top 3 -> recall 0.5, hr 1; none at rank 0 -> both 0 at N = 1
+    # user 1: nothing found -> 0 and 0; user 2: both targets by N = 3 -> recall 1 = hr 1
+    assert m["recall@3"].tolist() == [0.5, 0.0, 1.0] and m["hr@3"].tolist() == [1.0, 0.0, 1.0]
+    assert m["recall@1"].tolist() == [0.0, 0.0, 0.5] and m["hr@1"].tolist() == [0.0, 0.0, 1.0]
+    means = recall_hr_ndcg(ranked, targets, ns=(1, 3))
+    assert (means["recall@3"], means["hr@3"]) == pytest.approx((0.5, 2 / 3))
+    assert (means["recall@1"], means["hr@1"]) == pytest.approx((0.5 / 3, 1 / 3))
+
+
+def test_comirec_ndcg_discounts_by_position_in_the_target_list():
+    # targets (chronological) 10, 11, 12; the list finds 12 (rank 0) and 11 (rank 4)
+    ranked = np.array([[12, 1, 2, 3, 11]])
+    targets = [np.array([10, 11, 12])]
+    m = per_user_metrics(ranked, targets, ns=(5,))
+    # ComiRec: target positions 1 and 2 -> (d(1) + d(2)) / (d(0) + d(1)); the rank in the list is ignored
+    assert m["ndcg_comirec@5"][0] == pytest.approx((d(1) + d(2)) / (d(0) + d(1)))
+    # standard NDCG: hits at ranks 0 and 4 over the ideal 3 hits
+    assert m["ndcg@5"][0] == pytest.approx((d(0) + d(4)) / (d(0) + d(1) + d(2)))
+    # finding the first target alone gives ComiRec's NDCG its maximum, 1.0, at any rank
+    assert per_user_metrics(np.array([[1, 2, 10]]), targets, ns=(3,))["ndcg_comirec@3"][0] == 1.0
 
 
 def test_targets_are_a_set_and_repeated_list_items_count_once():
@@ -66,7 +102,7 @@ def test_n_larger_than_list_and_perfect_list():
 
 def test_empty_batch():
     m = recall_hr_ndcg(np.zeros((0, 5), dtype=np.int64), [], ns=(5,))
-    assert m == {"recall@5": 0.0, "hr@5": 0.0, "ndcg@5": 0.0}
+    assert m == {"recall@5": 0.0, "hr@5": 0.0, "ndcg@5": 0.0, "ndcg_comirec@5": 0.0}
 
 
 class _Case:

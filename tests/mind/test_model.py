@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mind.model import MIND, MINDConfig, interest_count, label_aware_attention, sampled_softmax_loss, squash
+from mind.model import (
+    MIND,
+    MINDConfig,
+    interest_count,
+    label_aware_attention,
+    routing_regulariser,
+    sampled_softmax_loss,
+    squash,
+    time_bucket,
+)
 
 
 def _model(**kw) -> MIND:
@@ -58,11 +67,12 @@ def test_routing_is_blind_to_what_sits_in_padding():
 
 
 def test_squash_norm_below_one_and_keeps_direction():
-    z = torch.randn(100, 16) * torch.logspace(-3, 3, 100)[:, None]
+    g = torch.Generator().manual_seed(0)  # float64: in float32, 1 - 1/(1+|z|^2) rounds to 1 at |z| ~ 1e3
+    z = torch.randn(100, 16, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, 100)[:, None]
     s = squash(z)
     norms = s.norm(dim=-1)
     assert torch.all(norms < 1)
-    assert torch.allclose(F.cosine_similarity(s, z, dim=-1), torch.ones(100), atol=1e-5)
+    assert torch.allclose(F.cosine_similarity(s, z, dim=-1), torch.ones(100, dtype=z.dtype), atol=1e-5)
     zn = z.norm(dim=-1)
     assert torch.allclose(norms, zn**2 / (1 + zn**2), rtol=1e-4)
 
@@ -139,21 +149,105 @@ def test_sampled_softmax_equals_full_softmax_when_every_item_is_sampled():
     full = F.cross_entropy(v @ E[2:].T, label - 2)
     sampled = sampled_softmax_loss(v, E[label], label, E[items], items)
     assert torch.allclose(sampled, full, atol=1e-5)
-    # a uniform log-Q correction shifts every logit equally and changes nothing
+    # every item drawn once: each expected count is 1, log_q = 0 and nothing changes
+    zero = torch.zeros(n_items)
+    assert torch.allclose(sampled_softmax_loss(v, E[label], label, E[items], items, zero), full, atol=1e-5)
+    # TensorFlow's convention corrects the label too: a uniform log_q then shifts every logit equally
     log_q = torch.full((n_items,), math.log(1 / 28))
-    assert torch.allclose(sampled_softmax_loss(v, E[label], label, E[items], items, log_q), full, atol=1e-5)
+    tf = sampled_softmax_loss(v, E[label], label, E[items], items, log_q, correct_label=True)
+    assert torch.allclose(tf, full, atol=1e-5)
+
+
+def test_log_q_correction_tends_to_the_full_softmax_under_a_skewed_sampler():
+    """Zipf-skewed draws, averaged over 60 draws per size: the corrected loss comes within 0.02 nats of
+    the full softmax loss at 2,000 negatives and closer as the draws grow; the uncorrected loss drifts
+    away (it grows like log N) and is more than 1 nat off at 2,000."""
+    g = torch.Generator().manual_seed(0)
+    n_items, d, B, draws = 500, 16, 32, 60
+    E = torch.randn(n_items, d, generator=g) * 0.5
+    v = torch.randn(B, d, generator=g) * 0.5
+    label = torch.randint(2, n_items, (B,), generator=g)
+    full = F.cross_entropy(v @ E[2:].T, label - 2).item()
+    q = 1.0 / torch.arange(1, n_items + 1, dtype=torch.float64)
+    q[:2] = 0.0
+    q = q / q.sum()
+    corrected, plain = {}, {}
+    for n_neg in (20, 200, 2000):
+        log_q = torch.log(q.clamp(min=1e-30) * n_neg).float()  # log expected count, as train() passes
+        c = p = 0.0
+        for _ in range(draws):
+            neg = torch.multinomial(q, n_neg, replacement=True, generator=g)
+            c += sampled_softmax_loss(v, E[label], label, E[neg], neg, log_q).item() / draws
+            p += sampled_softmax_loss(v, E[label], label, E[neg], neg).item() / draws
+        corrected[n_neg], plain[n_neg] = abs(c - full), p - full
+    assert corrected[2000] < 0.02 and corrected[2000] < corrected[200] < corrected[20]
+    assert plain[2000] > 1.0 and plain[2000] > plain[200] > plain[20]
 
 
 def test_loss_backpropagates_into_every_part():
-    model = _model()
+    model = _model(time_buckets=16, recency=8)
     model.train()
     ids, side, prof = _batch()
+    times = (1_700_000_000 + torch.arange(12) * 1000)[None, :].expand(6, 12) * (ids > 0)
     label = torch.randint(2, 50, (6,))
     neg = torch.arange(2, 50)
-    loss = model.loss(ids, side, prof, label, side[:, 0], neg, torch.zeros(48, 3, dtype=torch.long))
+    loss = model.loss(
+        ids, side, prof, label, side[:, 0], neg, torch.zeros(48, 3, dtype=torch.long), times=times, rr=1.0
+    )
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_time_bucket_is_the_log2_gap_to_the_newest_behaviour():
+    t = torch.tensor([[100, 160, 163, 0], [0, 50, 0, 0], [0, 0, 0, 0]])
+    # gaps to 163: 63, 3, 0 -> 1 + floor(log2(1 + gap)) = 7, 3, 1; unknown and padding -> 0
+    assert time_bucket(t, 32).tolist() == [[7, 3, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+    assert time_bucket(torch.tensor([[1, 10**9]]), 8).tolist() == [[7, 1]]  # capped at n_buckets - 1
+
+
+def test_time_gaps_are_relative_and_ignored_by_a_model_without_time():
+    ids, side, prof = _batch()
+    times = (1_600_000_000 + torch.arange(12) ** 3 * 60)[None, :].expand(6, 12) * (ids > 0)
+    timed = _model(time_buckets=32)
+    with torch.no_grad():
+        timed.time_emb.weight.normal_()  # trained-looking time vectors: time changes the output
+    V, _ = timed(ids, side, prof, times)
+    # a constant shift of every timestamp (another clock, a later replay) changes nothing
+    assert torch.allclose(V, timed(ids, side, prof, (times + 86_400 * 365) * (ids > 0))[0])
+    assert not torch.allclose(V, timed(ids, side, prof)[0])  # times matter to this model
+    plain = _model()
+    assert torch.equal(plain(ids, side, prof)[0], plain(ids, side, prof, times)[0])
+
+
+def test_hard_negative_weights_match_the_formula():
+    torch.manual_seed(0)
+    B, N, d = 4, 9, 5
+    v, e_label, e_neg = torch.randn(B, d), torch.randn(B, d), torch.randn(N, d)
+    label, neg = torch.tensor([2, 3, 4, 5]), torch.arange(10, 10 + N)
+    plain = sampled_softmax_loss(v, e_label, label, e_neg, neg)
+    assert torch.allclose(sampled_softmax_loss(v, e_label, label, e_neg, neg, beta=0.0), plain)
+    beta = 0.7
+    pos, s = (v * e_label).sum(-1), v @ e_neg.T
+    w = torch.exp(beta * s) / torch.exp(beta * s).mean(-1, keepdim=True)  # mean weight 1
+    expected = (torch.log(torch.exp(pos) + (w * torch.exp(s)).sum(-1)) - pos).mean()
+    assert torch.allclose(sampled_softmax_loss(v, e_label, label, e_neg, neg, beta=beta), expected, atol=1e-5)
+    assert sampled_softmax_loss(v, e_label, label, e_neg, neg, beta=beta) > plain  # hard ones weigh more
+
+
+def test_routing_regulariser_is_zero_for_even_routing_and_grows_with_collapse():
+    mask = torch.tensor([[True, True, True, True]])
+    active = torch.tensor([[True, True]])
+    even = torch.full((1, 4, 2), 0.5)
+    assert routing_regulariser(even, mask, active) == 0
+    # interest 0 reads only behaviour 0: n * its weights over behaviours = (4, 0, 0, 0), variance 3
+    one = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]])
+    # interest 1 reads behaviours 1-3 evenly: (0, 4/3, 4/3, 4/3), variance 1/3
+    expected = 3.0**2 + (1 / 3) ** 2
+    assert routing_regulariser(one, mask, active).item() == pytest.approx(expected)
+    padded = torch.cat([one, torch.full((1, 2, 2), 0.3)], 1)  # padding rows change nothing
+    got = routing_regulariser(padded, torch.tensor([[True] * 4 + [False] * 2]), active).item()
+    assert got == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("K", [1, 3])

@@ -60,10 +60,11 @@ def test_exported_config_parses_with_tritons_schema(tmp_path: Path, checkpoint: 
     (group,) = config.instance_group
     assert group.kind == mc.ModelInstanceGroup.KIND_CPU and group.count == 1
     L, S, P = cfg.max_len, side_t.shape[1], prof_t.shape[1]
-    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
-        ("ITEM_IDS", mc.TYPE_INT64, [L]),
-        ("SIDE_IDS", mc.TYPE_INT64, [L, S]),
-        ("PROFILE_IDS", mc.TYPE_INT64, [P]),
+    assert [(t.name, t.data_type, list(t.dims), t.optional) for t in config.input] == [
+        ("ITEM_IDS", mc.TYPE_INT64, [L], False),
+        ("SIDE_IDS", mc.TYPE_INT64, [L, S], False),
+        ("PROFILE_IDS", mc.TYPE_INT64, [P], False),
+        ("TIMES", mc.TYPE_INT64, [L], True),
     ]
     assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [
         ("INTERESTS", mc.TYPE_FP32, [cfg.K, cfg.d]),
