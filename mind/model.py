@@ -192,6 +192,7 @@ class MIND(nn.Module):
         self.mean_pooling = cfg.pooling == "mean"
         self.stop_grad_routing = cfg.stop_grad_routing
         self.sigma = cfg.sigma
+        self.temperature = float(cfg.temperature)  # a plain float: TorchScript cannot read cfg
         self.kmeans_init = cfg.routing_init in ("kmeans++", "cover")
         self.cover_init = cfg.routing_init == "cover"
         # 1. embeddings: item ids, side ids (category, brand, ...), profile ids (age, gender, ...)
@@ -246,7 +247,7 @@ class MIND(nn.Module):
         side = self.side_emb(side_ids)  # [...,S,d]   (row 0 is zero: "none" adds nothing)
         n = 1.0 + (side_ids > 0).sum(-1, keepdim=True).to(e.dtype)  # [...,1]
         e = (e + side.sum(-2)) / n  # [...,d]
-        return F.normalize(e, dim=-1) if self.cfg.temperature > 0 else e  # [...,d]
+        return F.normalize(e, dim=-1) if self.temperature > 0 else e  # [...,d]
 
     def behaviour_time(self, item_ids: torch.Tensor, times: torch.Tensor | None) -> torch.Tensor:
         """t_i: the embedding of each behaviour's time gap to the newest one and/or of its recency rank.
@@ -389,7 +390,7 @@ class MIND(nn.Module):
             t = self.behaviour_time(item_ids, times)  # [B,L,d]
             x.append(torch.einsum("blk,bld->bkd", w, t) / w.sum(1)[:, :, None].clamp(min=1e-9))  # [B,K,d]
         V = self.mlp(torch.cat(x, dim=-1))  # [B,K,d]  3. ReLU layers over [u_j; p_u (; time_j)]
-        if self.cfg.temperature > 0:  # unit interests: the max-merge compares cosines
+        if self.temperature > 0:  # unit interests: the max-merge compares cosines
             V = F.normalize(V, dim=-1)
         V = V * k_active[:, :, None]  # inactive interests are zero
         return V, k_active, w

@@ -377,7 +377,8 @@ def train(
         step = DDP(
             _LossStep(model),
             device_ids=[d.local_rank] if dev.type == "cuda" else None,
-            find_unused_parameters=model.mean_pooling,
+            # mean pooling leaves S unused, and a model without behaviour time its time/recency tables
+            find_unused_parameters=model.mean_pooling or not (model.use_time and model.use_recency),
             **({"forward_sync_buffers": False} if fixed else {"broadcast_buffers": False}),
         )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
