@@ -503,7 +503,13 @@ def load_checkpoint(path: Path) -> tuple[MIND, dict]:
     """The model (in eval mode) and the checkpoint's metadata."""
     payload = torch.load(Path(path), map_location="cpu", weights_only=False)
     model = MIND(MINDConfig(**payload["model_config"]))
-    model.load_state_dict(payload["state_dict"])
+    state = payload["state_dict"]
+    # a checkpoint saved before the behaviour-time tables existed: they are unused when off, so their
+    # fresh (never read) weights stand in
+    for name, on in (("time_emb", model.use_time), ("recency_emb", model.use_recency)):
+        if f"{name}.weight" not in state and not on:
+            state[f"{name}.weight"] = getattr(model, name).weight.detach().clone()
+    model.load_state_dict(state)
     model.eval()
     payload["item_vocab"] = Vocab(list(payload["items"]))
     return model, payload

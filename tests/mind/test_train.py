@@ -10,7 +10,15 @@ from mind.explain import coupling, interest_purity, plot_coupling
 from mind.model import MIND
 from mind.split import comirec_split, train_sequences
 from mind.synthetic import generate
-from mind.train import TrainConfig, load_checkpoint, model_config_for, recommend, save_checkpoint, train
+from mind.train import (
+    TrainConfig,
+    feature_tables,
+    load_checkpoint,
+    model_config_for,
+    recommend,
+    save_checkpoint,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +96,21 @@ def test_training_for_cold_start_teaches_the_unknown_item(planted):
         train(model, inter, users, split.valid[:20], cfg, progress=False)
         moved[rate] = float((model.item_emb.weight[1].detach() - before).abs().max())
     assert moved[0.0] == 0.0 and moved[0.2] > 1e-4
+
+
+def test_a_checkpoint_from_before_the_time_tables_loads_and_serves_the_same(planted, tmp_path):
+    """Checkpoints saved before the behaviour-time tables existed still load: the tables are off there."""
+    inter, _ = planted
+    model = MIND(model_config_for(inter, K=2, d=16, max_len=10))
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, model, inter, None)
+    payload = torch.load(path, weights_only=False)
+    for key in ("time_emb.weight", "recency_emb.weight"):
+        del payload["state_dict"][key]
+    torch.save(payload, path)
+    loaded, _ = load_checkpoint(path)
+    side_t, prof_t = feature_tables(inter)
+    items = torch.tensor([[2, 3, 4, 0, 0, 0, 0, 0, 0, 0]])
+    args = (items, side_t[items], prof_t[:1])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(*args)[0], loaded.eval()(*args)[0])
