@@ -7,7 +7,7 @@ every other command."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -220,6 +220,19 @@ SoakCheckpoint = Annotated[
 ]
 
 
+def _load_run(out: Path, checkpoint: Path | None, run: Callable[..., dict]) -> dict:
+    """One worker-process load run on a fresh embedded stack; its result written to `out` with the host."""
+    with harness_extra():
+        from harness.load import on_embedded_stack
+        from harness.machine import host
+        from harness.soak import write_result
+    machine = host()
+    with interruptible():
+        res = on_embedded_stack(checkpoint, None, run)
+    write_result(out, res, machine)
+    return res
+
+
 @bench.command("soak")
 def soak_cmd(
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("benchmarks/soak.json"),
@@ -233,29 +246,24 @@ def soak_cmd(
 ) -> None:
     """A worker process at a steady offered load: RSS, lag, errors and latency over time."""
     with harness_extra():
-        from harness.load import on_embedded_stack
-        from harness.machine import host
-        from harness.soak import SOAK_SUMMARY, soak, write_result
-    machine = host()
-    with interruptible():
-        res = on_embedded_stack(
-            checkpoint,
-            None,
-            lambda s, ck, rd: soak(
-                s,
-                ck,
-                rate_cps=rate,
-                capacity_cps=capacity,
-                duration_s=duration,
-                sample_s=sample,
-                partitions=partitions,
-                linger_ms=linger_ms,
-                run_dir=rd,
-                png=out.with_suffix(".png"),
-                log=typer.echo,
-            ),
-        )
-    write_result(out, res, machine)
+        from harness.soak import SOAK_SUMMARY, soak
+    res = _load_run(
+        out,
+        checkpoint,
+        lambda s, ck, rd: soak(
+            s,
+            ck,
+            rate_cps=rate,
+            capacity_cps=capacity,
+            duration_s=duration,
+            sample_s=sample,
+            partitions=partitions,
+            linger_ms=linger_ms,
+            run_dir=rd,
+            png=out.with_suffix(".png"),
+            log=typer.echo,
+        ),
+    )
     typer.echo(json.dumps({k: res[k] for k in SOAK_SUMMARY}))
     typer.echo(
         json.dumps({k: res["check"][k] for k in ("lost", "applied_twice", "unprocessed", "missing_recall")})
@@ -276,30 +284,25 @@ def backpressure_cmd(
 ) -> None:
     """A worker process while the key-value store is made slow (Valkey CLIENT PAUSE WRITE), then fast."""
     with harness_extra():
-        from harness.load import on_embedded_stack
-        from harness.machine import host
-        from harness.soak import backpressure, write_result
-    machine = host()
-    with interruptible():
-        res = on_embedded_stack(
-            checkpoint,
-            None,
-            lambda s, ck, rd: backpressure(
-                s,
-                ck,
-                offered_cps=offered,
-                fast_s=fast,
-                slow_s=slow,
-                recover_s=recover,
-                pause_ms=pause_ms,
-                period_ms=period_ms,
-                batch_max=batch_max,
-                run_dir=rd,
-                png=out.with_suffix(".png"),
-                log=typer.echo,
-            ),
-        )
-    write_result(out, res, machine)
+        from harness.soak import backpressure
+    res = _load_run(
+        out,
+        checkpoint,
+        lambda s, ck, rd: backpressure(
+            s,
+            ck,
+            offered_cps=offered,
+            fast_s=fast,
+            slow_s=slow,
+            recover_s=recover,
+            pause_ms=pause_ms,
+            period_ms=period_ms,
+            batch_max=batch_max,
+            run_dir=rd,
+            png=out.with_suffix(".png"),
+            log=typer.echo,
+        ),
+    )
     typer.echo(json.dumps({k: v for k, v in res.items() if k not in ("samples", "check", "bounds")}))
     typer.echo(json.dumps(res["check"]))
 

@@ -43,6 +43,7 @@ from cli.options import (
     load_data,
     model_overrides,
     setup_logging,
+    train_overrides,
 )
 
 commands = typer.Typer()
@@ -96,7 +97,7 @@ def train(
     import numpy as np
     import torch
 
-    from mind.experiment import LEARNED, build, given, rule_settings
+    from mind.experiment import LEARNED, build, rule_settings
     from mind.model import MIND
     from mind.split import comirec_split
     from mind.train import distributed, save_checkpoint
@@ -108,14 +109,24 @@ def train(
             raise typer.BadParameter(f"choose one of {', '.join(LEARNED)}", param_hint="--model")
         inter = load_data(data, fmt, skip_bad)
         split = comirec_split(inter)
-        mo = model_overrides(K, d, p, sigma, iters, max_len, routing_init)
-        mo.update(given(time_buckets=time_gaps, recency=recency, dynamic_k=dynamic_k))
-        to = given(
+        mo = model_overrides(
+            K,
+            d,
+            p,
+            sigma,
+            iters,
+            max_len,
+            routing_init,
+            time_gaps=time_gaps,
+            recency=recency,
+            dynamic_k=dynamic_k,
+        )
+        to = train_overrides(
             epochs=epochs,
             lr=lr,
             neg=neg,
             batch_size=batch_size,
-            max_seconds=budget,
+            budget=budget,
             softmax=softmax,
             hard_beta=hard_beta,
             rr=rr,
@@ -200,18 +211,28 @@ def evaluate(
 
     Settings not given come from the data set's rules (or from --tune); the report records each one's source.
     """
-    from mind.experiment import given, run_offline, table
+    from mind.experiment import run_offline, table
 
     setup_logging(verbose)
     inter = load_data(data, fmt, skip_bad)
-    mo = model_overrides(K, d, p, sigma, iters, max_len, routing_init)
-    mo.update(given(time_buckets=time_gaps, recency=recency, dynamic_k=dynamic_k))
-    to = given(
+    mo = model_overrides(
+        K,
+        d,
+        p,
+        sigma,
+        iters,
+        max_len,
+        routing_init,
+        time_gaps=time_gaps,
+        recency=recency,
+        dynamic_k=dynamic_k,
+    )
+    to = train_overrides(
         epochs=epochs,
         lr=lr,
         neg=neg,
         batch_size=batch_size,
-        max_seconds=budget,
+        budget=budget,
         softmax=softmax,
         hard_beta=hard_beta,
         rr=rr,

@@ -154,6 +154,10 @@ def model_overrides(
     iters: int | None,
     max_len: int | None,
     routing_init: str | None = None,
+    *,
+    time_gaps: int | None = None,
+    recency: int | None = None,
+    dynamic_k: bool | None = None,
 ) -> dict[str, Any]:
     """The model flags a user gave (None = not given: the data-driven default stands)."""
     given = {
@@ -164,6 +168,34 @@ def model_overrides(
         "iters": iters,
         "max_len": max_len,
         "routing_init": routing_init,
+        "time_buckets": time_gaps,
+        "recency": recency,
+        "dynamic_k": dynamic_k,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def train_overrides(
+    *,
+    epochs: int | None,
+    lr: float | None,
+    neg: int | None,
+    batch_size: int | None,
+    budget: float | None,
+    softmax: str | None,
+    hard_beta: float | None,
+    rr: float | None,
+) -> dict[str, Any]:
+    """The training flags a user gave (None = not given: the rules or the search decide)."""
+    given = {
+        "epochs": epochs,
+        "lr": lr,
+        "neg": neg,
+        "batch_size": batch_size,
+        "max_seconds": budget,
+        "softmax": softmax,
+        "hard_beta": hard_beta,
+        "rr": rr,
     }
     return {k: v for k, v in given.items() if v is not None}
 

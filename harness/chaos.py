@@ -155,7 +155,7 @@ class Plan:
     zombie_stages: tuple[str, ...] = ("window", "kv_write", "produce")  # one SIGSTOP pause each
     duplicates: int = 1500  # delivered clicks published again (a retrying producer)
     stall_batches: int = 4000  # one-message record batches that make the embedded broker stall (1 ms wait)
-    stall_max_batches: int = 40_000  # the log grows up to this while the stall has not shown
+    stall_max_batches: int = 48_000  # attempts double the batches up to this while the stall has not shown
 
     @classmethod
     def quick(cls) -> Plan:
@@ -1170,88 +1170,86 @@ class Chaos:
     def broker_stall(self) -> None:
         """The embedded Tansu stops serving a partition whose record batches take longer to list than the
         fetch wait (about 22k at 10 ms). A worker of its own, on a topic of its own with a 1 ms fetch wait,
-        is driven into it: its /readyz must fail with the reason, and the stall be counted."""
-        s = self.settings
+        is driven into it: its /readyz must fail with the reason, and the stall be counted.
+
+        How many batches it takes depends on the machine (a faster one lists more within the wait): when
+        the worker reads the whole partition, the next attempt starts over on a new topic with twice as
+        many, up to stall_max_batches."""
         with self.phase("broker stall") as ph:
-            tag = f"{self.tag}-stall"
-            ws = s.model_copy(
-                update={
-                    "clicks_topic": f"{tag}-clicks",
-                    "recall_topic": f"{tag}-recall",
-                    "dlq_topic": f"{tag}-dlq",
-                    "group_id": tag,
-                    "partitions": 1,
-                    "fetch_wait_max_ms": 1,
-                    "fetch_stall_s": 3.0,
-                    "metrics_port": free_port(),
-                    "window_len": WINDOW_LEN,
-                    "log_json": True,
-                }
-            )
-            ensure_topics(AdminClient(kafka_config(ws, "admin")), ws)
-            producer = Producer(kafka_config(ws, "producer", **{"linger.ms": 0}))
-            users = [u for u, *_ in self.publisher.pool[:20]]
-            item = self.catalog.raw_item(2)
-            appended = 0
-
-            def append(n: int) -> None:
-                nonlocal appended
-                for _ in range(n):
-                    c = Click(f"{tag}-{appended}", users[appended % len(users)], item, time.time())
-                    producer.produce(ws.clicks_topic, dump_click(c), c.user_id.encode())
-                    producer.flush(10)  # one record batch per click
-                    appended += 1
-
-            t0 = time.time()
-            append(self.plan.stall_batches)
-            t_filled = time.time()
-            proc: WorkerProc = spawn_worker(self.checkpoint)(
-                ws, self.run_dir / "workers" / "stall-worker.log"
-            )
-            ready: dict[str, Any] = {}
-
-            def stalled() -> bool:
-                nonlocal ready
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics_port}/readyz", timeout=2):
-                        return False
-                except urllib.error.HTTPError as exc:
-                    ready = orjson.loads(exc.read())
-                    return bool(ready.get("checks", {}).get("stalled"))
-                except OSError:
-                    return False
-
-            # How long a listing takes depends on the machine: a faster one lists the first batches within the
-            # wait, so the log keeps growing until the broker stops serving the partition.
-            stop = threading.Event()
-
-            def grow() -> None:
-                while not stop.is_set() and appended < self.plan.stall_max_batches:
-                    append(200)
-
-            grower = threading.Thread(target=grow, name="stall-grow", daemon=True)
-            grower.start()
-            try:
-                seen = self._wait(stalled, 180, "the stall worker's /readyz to report the stalled partition")
-            finally:
-                stop.set()
-                grower.join(30)
-            t_seen = time.time()
-            metrics_now = proc.scrape()
-            proc.stop()
-            res = {
-                "batches": appended,
-                "fetch_wait_max_ms": 1,
-                "fill_s": round(t_filled - t0, 2),
-                "detected": seen,
-                "detected_after_s": round(t_seen - t_filled, 2) if seen else None,
-                "readyz": ready.get("checks", {}).get("stalled"),
-                "stalls_counted": metrics_now.get("mind_worker_partition_stalls_total"),
-                "clicks_waiting_in_the_log": appended,
-                "lost": 0,  # nothing is lost: the clicks stay in the log, the worker waits and says so
-            }
+            attempts: list[dict[str, Any]] = []
+            n = self.plan.stall_batches
+            res: dict[str, Any] = {}
+            while True:
+                res = self._stall_attempt(len(attempts), n)
+                attempts.append({k: res[k] for k in ("batches", "fill_s", "detected", "caught_up")})
+                if res["detected"] or n * 2 > self.plan.stall_max_batches:
+                    break
+                n *= 2
+            res["attempts"] = attempts
             self.outages["broker stall"] = res
             ph.info = res
+
+    def _stall_attempt(self, attempt: int, batches: int) -> dict[str, Any]:
+        """Fill a fresh one-partition topic with `batches` one-message record batches, start a worker on it,
+        and wait until its /readyz reports the stall or it has read every click."""
+        tag = f"{self.tag}-stall{attempt}"
+        ws = self.settings.model_copy(
+            update={
+                "clicks_topic": f"{tag}-clicks",
+                "recall_topic": f"{tag}-recall",
+                "dlq_topic": f"{tag}-dlq",
+                "group_id": tag,
+                "partitions": 1,
+                "fetch_wait_max_ms": 1,
+                "fetch_stall_s": 3.0,
+                "metrics_port": free_port(),
+                "window_len": WINDOW_LEN,
+                "log_json": True,
+            }
+        )
+        ensure_topics(AdminClient(kafka_config(ws, "admin")), ws)
+        producer = Producer(kafka_config(ws, "producer", **{"linger.ms": 0}))
+        users = [u for u, *_ in self.publisher.pool[:20]]
+        item = self.catalog.raw_item(2)
+        t0 = time.time()
+        for k in range(batches):
+            c = Click(f"{tag}-{k}", users[k % len(users)], item, time.time())
+            producer.produce(ws.clicks_topic, dump_click(c), c.user_id.encode())
+            producer.flush(10)  # one record batch per click
+        t_filled = time.time()
+        proc: WorkerProc = spawn_worker(self.checkpoint)(ws, self.run_dir / "workers" / f"{tag}-worker.log")
+        ready: dict[str, Any] = {}
+        caught_up = False
+
+        def stalled_or_done() -> bool:
+            nonlocal ready, caught_up
+            caught_up = proc.scrape().get("mind_worker_clicks_total", 0.0) >= batches
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ws.metrics_port}/readyz", timeout=2):
+                    return caught_up
+            except urllib.error.HTTPError as exc:
+                ready = orjson.loads(exc.read())
+                return bool(ready.get("checks", {}).get("stalled")) or caught_up
+            except OSError:
+                return False
+
+        self._wait(stalled_or_done, 120, "the stall worker to stall or read its partition")
+        seen = bool(ready.get("checks", {}).get("stalled"))
+        t_seen = time.time()
+        metrics_now = proc.scrape()
+        proc.stop()
+        return {
+            "batches": batches,
+            "fetch_wait_max_ms": 1,
+            "fill_s": round(t_filled - t0, 2),
+            "detected": seen,
+            "caught_up": caught_up and not seen,
+            "detected_after_s": round(t_seen - t_filled, 2) if seen else None,
+            "readyz": ready.get("checks", {}).get("stalled"),
+            "stalls_counted": metrics_now.get("mind_worker_partition_stalls_total"),
+            "clicks_waiting_in_the_log": batches - int(metrics_now.get("mind_worker_clicks_total", 0.0)),
+            "lost": 0,  # nothing is lost: the clicks stay in the log, the worker waits and says so
+        }
 
     def broker_restart(self) -> None:
         """The broker killed mid-stream and started again, with the runbook memory storage forces:

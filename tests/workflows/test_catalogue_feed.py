@@ -132,9 +132,9 @@ class Spy:
         self._infer = worker.tower.infer
         worker.tower.infer = self
 
-    def __call__(self, items: np.ndarray, side: np.ndarray, prof: np.ndarray) -> Any:
+    def __call__(self, items: np.ndarray, side: np.ndarray, prof: np.ndarray, **kw: Any) -> Any:
         self.calls.append((items.copy(), side.copy(), prof.copy()))
-        return self._infer(items, side, prof)
+        return self._infer(items, side, prof, **kw)
 
 
 def click_all(s: Settings, uid: str, tag: str, plan: dict[str, list[str]]) -> dict[str, str]:
