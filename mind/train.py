@@ -504,11 +504,11 @@ def load_checkpoint(path: Path) -> tuple[MIND, dict]:
     payload = torch.load(Path(path), map_location="cpu", weights_only=False)
     model = MIND(MINDConfig(**payload["model_config"]))
     state = payload["state_dict"]
-    # a checkpoint saved before the behaviour-time tables existed: they are unused when off, so their
-    # fresh (never read) weights stand in
+    # a checkpoint saved before the behaviour-time tables existed: they are never read when off, so zeros
+    # stand in (deterministic: every load of the checkpoint is the same model)
     for name, on in (("time_emb", model.use_time), ("recency_emb", model.use_recency)):
         if f"{name}.weight" not in state and not on:
-            state[f"{name}.weight"] = getattr(model, name).weight.detach().clone()
+            state[f"{name}.weight"] = torch.zeros_like(getattr(model, name).weight)
     model.load_state_dict(state)
     model.eval()
     payload["item_vocab"] = Vocab(list(payload["items"]))

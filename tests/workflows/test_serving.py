@@ -179,3 +179,16 @@ def test_bench_serving_smoke(tmp_path: Path) -> None:
     rs = got["recall_step"]
     assert rs["queries"] == 8 and rs["top10_ids_equal"] == 1.0 and rs["exact_equals_offline_retrieve"]
     assert len(got["machine"]["loadavg_start"]) == 3 and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_checkpoint_from_before_the_time_tables_keeps_its_digest(ckpt: Path, tmp_path: Path) -> None:
+    """A checkpoint saved before the behaviour-time tables existed loads the same every time, with the
+    digest its export recorded: tables a model never reads are not part of its identity."""
+    model, _ = load_checkpoint(ckpt)
+    payload = torch.load(ckpt, weights_only=False)
+    for key in ("time_emb.weight", "recency_emb.weight"):
+        del payload["state_dict"][key]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    first, second = load_checkpoint(old)[0], load_checkpoint(old)[0]
+    assert model_digest(first) == model_digest(second) == model_digest(model)
