@@ -23,6 +23,7 @@ formed at capacity; clicks/s, and pipeline / reference.
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,6 +36,7 @@ import psutil
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from harness.bench_serving import BEAUTY, random_checkpoint
 from harness.load import DEFAULT_CHECKPOINT, LoadRun, _lag, sustained_cps
@@ -270,6 +272,9 @@ def plot_latency(lat: dict[str, list[float]], path: Path, title: str) -> Path:
             continue
         ax.hist(x, bins=np.geomspace(max(x.min(), 0.1), max(x.max(), 1.0) * 1.01, 40))
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log minor labels collide on a narrow panel
         for p, style in ((50, "--"), (99, ":"), (99.9, "-.")):
             q = float(np.percentile(x, p))
             ax.axvline(q, color="k", linestyle=style, label=f"p{p:g} {q:.1f} ms")
@@ -278,7 +283,7 @@ def plot_latency(lat: dict[str, list[float]], path: Path, title: str) -> Path:
         ax.set_xlabel("click produced -> recall consumed (ms)")
         if i == 0:
             ax.set_ylabel("clicks")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, width=int(60 * len(keys))), fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
