@@ -136,11 +136,12 @@ class Plan:
     hostile: int = 1200
     hostile_per_click: int = 2
     soak_s: float = 600.0
-    # harness.soak.soak arguments: 400 clicks/s for 10 minutes. 32 partitions and a 50 ms producer linger
-    # keep each partition under ~6k record batches, below where the embedded Tansu stops serving one at
-    # the worker's 5 ms fetch wait (~11k; docs/load.md).
+    # harness.soak.soak arguments: 400 clicks/s for 10 minutes. A 250 ms producer linger batches 25 clicks/s
+    # per partition into at most 4 record batches a second (2,400 in 10 minutes), well below where the
+    # embedded Tansu stopped serving a partition under this load at the worker's 5 ms fetch wait (about
+    # 5,000-6,500 with a 50 ms linger over 32 partitions; docs/load.md).
     soak: dict[str, Any] = field(
-        default_factory=lambda: {"rate_cps": 400.0, "partitions": 32, "linger_ms": 50}
+        default_factory=lambda: {"rate_cps": 400.0, "partitions": 16, "linger_ms": 250}
     )
     train_s: float = 20.0  # checked after each epoch
     epochs: int = 3
