@@ -57,7 +57,7 @@ WAYS = ("unknown", "cold", "retrained")
 
 @dataclass
 class ColdstartConfig:
-    """What one run measures; the defaults are the issue's (10 %, ComiRec split seed 1230)."""
+    """What one run measures; the defaults: 10 % of the items, ComiRec split seed 1230."""
 
     holdout: str = "auto"  # "latest" (first appearance, needs timestamps), "random", or "auto"
     fraction: float = 0.1
