@@ -176,50 +176,64 @@ def test_a_partition_the_broker_stops_serving_fails_readiness(
     worker_model: Any, kafka_bootstrap: str, redis_url: str, uid: str
 ) -> None:
     """The embedded Tansu stops answering a partition's fetches once listing its record batches takes
-    longer than the fetch wait (about 22k batches at 10 ms; here 1 ms and 4,000 one-message batches). The
-    clicks wait in the log with lag and no progress: /readyz must say so, and a metric count it."""
-    port = free_port()
-    s = worker_model.settings(
-        kafka_bootstrap,
-        redis_url,
-        uid,
-        metrics_port=port,
-        partitions=1,
-        fetch_wait_max_ms=1,
-        fetch_stall_s=2.0,
-    )
-    setup_topics(s)
-    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
-    for c in make_clicks(worker_model, uid, [str(u) for u in range(20)], per_user=200, seed=9):
-        producer.produce(s.clicks_topic, dump_click(c), c.user_id.encode())
-        producer.flush(10)  # one record batch per click
-    stalls = metric("mind_worker_partition_stalls_total")
-    stop = threading.Event()
-    errors: list[BaseException] = []
+    longer than the fetch wait (about 22k batches at 10 ms; a few thousand at 1 ms). The clicks wait in the
+    log with lag and no progress: /readyz must say so, and a metric count it.
 
-    def run() -> None:
-        try:
-            run_worker(s, stop, checkpoint=worker_model.checkpoint)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            errors.append(exc)
+    How many batches that takes depends on the machine, so a worker that reads its whole partition is
+    stopped and the next attempt fills a fresh topic with twice as many."""
+    for attempt, per_user in enumerate((200, 400, 800, 1600)):
+        port = free_port()
+        s = worker_model.settings(
+            kafka_bootstrap,
+            redis_url,
+            f"{uid}a{attempt}",
+            metrics_port=port,
+            partitions=1,
+            fetch_wait_max_ms=1,
+            fetch_stall_s=2.0,
+        )
+        setup_topics(s)
+        producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 0})
+        clicks = make_clicks(worker_model, f"{uid}a{attempt}", [str(u) for u in range(20)], per_user, seed=9)
+        for c in clicks:
+            producer.produce(s.clicks_topic, dump_click(c), c.user_id.encode())
+            producer.flush(10)  # one record batch per click
+        stalls = metric("mind_worker_partition_stalls_total")
+        done = metric("mind_worker_clicks_total") + len(clicks)
+        stop = threading.Event()
+        errors: list[BaseException] = []
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    try:
-
-        def stalled() -> dict[str, Any] | None:
+        def run(s: Any = s, stop: threading.Event = stop, errors: list[BaseException] = errors) -> None:
             try:
-                status, body, _ = get(port, "/readyz")
-            except urllib.error.URLError:  # not listening yet
-                return None
-            return body if status == 503 and body["checks"]["stalled"] else None
+                run_worker(s, stop, checkpoint=worker_model.checkpoint)
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
 
-        body = until(stalled, what="/readyz to report the stalled partition", timeout=90)
-        (reason,) = body["checks"]["stalled"].values()
-        assert "no progress" in reason and body["status"] == "fail"
-        assert metric("mind_worker_partition_stalls_total") > stalls
-        assert get(port, "/healthz")[0] == 200  # alive: restarting the worker would not help
-    finally:
-        stop.set()
-        t.join(60)
-    assert not t.is_alive() and not errors
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        try:
+
+            def stalled_or_read(port: int = port, done: float = done) -> dict[str, Any] | None:
+                if metric("mind_worker_clicks_total") >= done:
+                    return {"read": True}
+                try:
+                    status, body, _ = get(port, "/readyz")
+                except urllib.error.URLError:  # not listening yet
+                    return None
+                return body if status == 503 and body["checks"]["stalled"] else None
+
+            body = until(stalled_or_read, what="/readyz to report the stalled partition", timeout=120)
+            stalled = not body.get("read")  # read: this machine lists these batches within the wait
+            if stalled:
+                (reason,) = body["checks"]["stalled"].values()
+                assert "no progress" in reason and body["status"] == "fail"
+                assert metric("mind_worker_partition_stalls_total") > stalls
+                assert get(port, "/healthz")[0] == 200  # alive: restarting the worker would not help
+        finally:
+            stop.set()
+            t.join(60)
+        assert not t.is_alive() and not errors
+        if stalled:
+            break
+    else:
+        pytest.fail("the broker served every partition in full, up to 32,000 one-message record batches")
