@@ -237,6 +237,13 @@ class MIND(nn.Module):
             self.side_emb.weight[0].zero_()
             self.profile_emb.weight[0].zero_()
 
+    def unread_tables(self) -> list[str]:
+        """Embedding tables this model never reads (behaviour time or recency when off): not part of what a
+        trained model is, and absent from checkpoints saved before they existed."""
+        return [
+            name for name, on in (("time_emb", self.use_time), ("recency_emb", self.use_recency)) if not on
+        ]
+
     # ---- 1. embedding & pooling -------------------------------------------------------------
     def embed_items(self, item_ids: torch.Tensor, side_ids: torch.Tensor) -> torch.Tensor:
         """e_i = mean of the item embedding and its side-id embeddings. [...] , [...,S] -> [...,d]"""

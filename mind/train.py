@@ -378,7 +378,7 @@ def train(
             _LossStep(model),
             device_ids=[d.local_rank] if dev.type == "cuda" else None,
             # mean pooling leaves S unused, and a model without behaviour time its time/recency tables
-            find_unused_parameters=model.mean_pooling or not (model.use_time and model.use_recency),
+            find_unused_parameters=model.mean_pooling or bool(model.unread_tables()),
             **({"forward_sync_buffers": False} if fixed else {"broadcast_buffers": False}),
         )
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -506,8 +506,8 @@ def load_checkpoint(path: Path) -> tuple[MIND, dict]:
     state = payload["state_dict"]
     # a checkpoint saved before the behaviour-time tables existed: they are never read when off, so zeros
     # stand in (deterministic: every load of the checkpoint is the same model)
-    for name, on in (("time_emb", model.use_time), ("recency_emb", model.use_recency)):
-        if f"{name}.weight" not in state and not on:
+    for name in model.unread_tables():
+        if f"{name}.weight" not in state:
             state[f"{name}.weight"] = torch.zeros_like(getattr(model, name).weight)
     model.load_state_dict(state)
     model.eval()

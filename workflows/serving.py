@@ -42,12 +42,10 @@ def model_digest(model: MIND) -> str:
     """Stable hash of the weights and buffers (names, dtypes, shapes, bytes): identifies one trained model.
     Tables the model never reads (behaviour time or recency when off) are left out, so a checkpoint saved
     before they existed keeps its digest."""
-    unused = {
-        name for name, on in (("time_emb.", model.use_time), ("recency_emb.", model.use_recency)) if not on
-    }
+    unused = tuple(f"{name}." for name in model.unread_tables())
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        if any(name.startswith(u) for u in unused):
+        if name.startswith(unused):
             continue
         arr = t.detach().cpu().contiguous()
         h.update(f"{name}|{arr.dtype}|{tuple(arr.shape)}\0".encode())
