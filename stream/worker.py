@@ -230,6 +230,7 @@ class Worker:
         self._stray: list[Message] = []
         self._lag_at = 0.0
         self._progress: dict[tuple[str, int], tuple[int, float]] = {}  # (position, since) per partition
+        self._committed_at_assign: dict[tuple[str, int], int] = {}  # where a new owner starts reading
         self._stalled: set[tuple[str, int]] = set()
         self._tails = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-tail")
         self._kv = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-kv")
@@ -706,6 +707,7 @@ class Worker:
         stored = self.state.offsets([tp.partition for tp in partitions])
         for tp in consumer.committed(partitions, timeout=10):
             have, next_offset = stored[tp.partition], tp.offset
+            self._committed_at_assign[(tp.topic, tp.partition)] = next_offset
             if next_offset >= 0 and have < next_offset - 1:
                 log.error(
                     "state behind the committed offset: the key-value store lost data",
@@ -730,6 +732,7 @@ class Worker:
         log.info("partitions revoked", partitions=sorted(tp.partition for tp in partitions))
         for tp in partitions:
             self._progress.pop((tp.topic, tp.partition), None)
+            self._committed_at_assign.pop((tp.topic, tp.partition), None)
             self._stalled.discard((tp.topic, tp.partition))
             for gauge in (metrics.CONSUMER_LAG, metrics.STALLED):
                 with suppress(KeyError):
@@ -749,11 +752,29 @@ class Worker:
                 log.warning("leaving mid-round", error=str(exc)[:300])
                 return
 
+    def _standing(self, tp: TopicPartition) -> tuple[int, int | None]:
+        """(position, lag) of an assigned partition; lag None while no fetch has been answered. Until its
+        first click arrives, the consumer stands where it started: the committed offset, or the log start
+        (auto.offset.reset is earliest). A broker that stops serving a partition from the first fetch on
+        leaves it there, so that case must count as much as a stall mid-log."""
+        assert self.consumer is not None
+        low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+        position = tp.offset
+        if position < 0:
+            position = self._committed_at_assign.get((tp.topic, tp.partition), -1)
+        if position < 0 and low >= 0:
+            position = low
+        elif position < 0:
+            with suppress(KafkaException):  # the log start; unknown (-1) if the broker does not answer
+                position = self.consumer.query_watermark_offsets(tp, timeout=1.0)[0]
+        return position, (max(0, high - position) if high >= 0 else None)
+
     def _update_lag(self) -> None:
         """Every lag_interval_s: each assigned partition's lag (high watermark - position), and whether it
-        is stalled: lag, and the position has not moved for fetch_stall_s while consumption runs. A broker
-        that stops serving a partition (the embedded Tansu does past about 22k record batches) looks like
-        that: the fetches come back empty and the clicks wait in the log."""
+        is stalled: lag (or no fetch answered at all), and the position has not moved for fetch_stall_s
+        while consumption runs. A broker that stops serving a partition (the embedded Tansu does past
+        about 22k record batches) looks like that: the fetches come back empty, or never, and the clicks
+        wait in the log."""
         now = time.monotonic()
         if self.consumer is None or now - self._lag_at < self.lag_interval_s:
             return
@@ -761,15 +782,15 @@ class Worker:
         limit = self.settings.fetch_stall_s
         try:
             for tp in self.consumer.position(self.consumer.assignment()):
-                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                if high < 0 or tp.offset < 0:
+                position, lag = self._standing(tp)
+                if position < 0:
                     continue
-                lag = max(0, high - tp.offset)
-                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+                if lag is not None:
+                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
                 key = (tp.topic, tp.partition)
-                pos, since = self._progress.get(key, (-1, now))
-                if pos != tp.offset or lag == 0 or self._paused:
-                    self._progress[key] = (tp.offset, now)
+                pos, since = self._progress.setdefault(key, (position, now))
+                if pos != position or lag == 0 or self._paused:
+                    self._progress[key] = (position, now)
                     stalled = 0.0
                 else:
                     stalled = now - since
@@ -783,7 +804,7 @@ class Worker:
                             "serving it",
                             partition=tp.partition,
                             lag=lag,
-                            position=tp.offset,
+                            position=position,
                             seconds=round(stalled, 1),
                         )
                     gauge.set(stalled)

@@ -180,7 +180,8 @@ def test_a_partition_the_broker_stops_serving_fails_readiness(
     log with lag and no progress: /readyz must say so, and a metric count it.
 
     How many batches that takes depends on the machine, so a worker that reads its whole partition is
-    stopped and the next attempt fills a fresh topic with twice as many."""
+    stopped and the next attempt fills a fresh topic with twice as many. A broker that stops at the first
+    fetch (nothing read, no position yet) must count as well as one that stops mid-log."""
     for attempt, per_user in enumerate((200, 400, 800, 1600)):
         port = free_port()
         s = worker_model.settings(
