@@ -190,7 +190,8 @@ def evaluate(
     tune: Annotated[
         bool,
         typer.Option(
-            "--tune", help="Choose window, K, lr and negatives per model by a search on the validation users."
+            "--tune",
+            help="Choose negatives, lr, window, K and one lever per model on the validation users.",
         ),
     ] = False,
     ablate: Annotated[

@@ -190,7 +190,9 @@ def by_interests(k_test: np.ndarray, per_user: dict[str, dict[str, np.ndarray]],
 def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str, list[dict]]]:
     """Coordinate search: (setting, candidates) in the order they are tried, each candidate a patch.
 
-    Window candidates are percentiles of the TRAINING users' lengths; K >= 2 for MIND-K.
+    Window candidates are percentiles of the TRAINING users' lengths; K >= 2 for MIND-K. Last, the levers
+    that won somewhere in the ablation: hard negatives and cosine scoring for every learned model, the
+    routing regulariser and the covering routing init for MIND-K, or none of them.
     """
     lengths = np.array([len(inter.sequences[u]) for u in split.train_users.tolist()])
     windows = sorted({int(min(50, max(10, np.percentile(lengths, q)))) for q in (75, 90, 97)})
@@ -201,6 +203,11 @@ def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str
     ]
     if name == "mind":
         space.append(("K", [{"model": {"K": k}} for k in (2, 4, 8)]))
+    # the levers that helped on some data set in the ablation (docs/quality.md), one at a time, or none
+    levers: list[dict] = [{}, {"train": {"hard_beta": 1.0}}, {"model": {"temperature": 0.1}}]
+    if name == "mind":
+        levers += [{"train": {"rr": 100.0}}, {"model": {"routing_init": "cover"}}]
+    space.append(("lever", levers))
     return space
 
 

@@ -766,7 +766,7 @@ class Worker:
             position = low
         elif position < 0:
             with suppress(KafkaException):  # the log start; unknown (-1) if the broker does not answer
-                position = self.consumer.query_watermark_offsets(tp, timeout=1.0)[0]
+                position = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)[0]
         return position, (max(0, high - position) if high >= 0 else None)
 
     def _update_lag(self) -> None:

@@ -171,7 +171,8 @@ def test_tune_keeps_the_best_validation_candidate_and_never_reads_test_users(mon
         if s == "max_len"
     ]
     assert chosen.train["lr"] == 3e-3 and chosen.model["K"] == 4 and chosen.model["max_len"] == max(windows)
-    assert all(t["setting"] in {"negatives", "lr", "max_len", "K"} for t in trials)
+    assert all(t["setting"] in {"negatives", "lr", "max_len", "K", "lever"} for t in trials)
+    assert chosen.why["lever"].startswith("tune: {} ")  # no lever beat the defaults: none is kept
     assert len(trials) == len(seen)  # each distinct candidate trained once
     assert chosen.why["K"].startswith("tune:")
 
