@@ -17,6 +17,7 @@ from cli.options import (
     BUDGET_,
     CKPT_,
     D_,
+    DROPOUT_,
     DYNAMIC_K_,
     EPOCHS_,
     HARD_BETA_,
@@ -34,6 +35,7 @@ from cli.options import (
     SEED_,
     SIGMA_,
     SOFTMAX_,
+    TEMPERATURE_,
     THREADS_,
     TIME_GAPS_,
     Data,
@@ -76,6 +78,8 @@ def train(
     time_gaps: TIME_GAPS_ = None,
     recency: RECENCY_ = None,
     dynamic_k: DYNAMIC_K_ = None,
+    dropout: DROPOUT_ = None,
+    temperature: TEMPERATURE_ = None,
     unknown_rate: Annotated[
         float,
         typer.Option(
@@ -120,6 +124,8 @@ def train(
             time_gaps=time_gaps,
             recency=recency,
             dynamic_k=dynamic_k,
+            dropout=dropout,
+            temperature=temperature,
         )
         to = train_overrides(
             epochs=epochs,
@@ -181,6 +187,8 @@ def evaluate(
     time_gaps: TIME_GAPS_ = None,
     recency: RECENCY_ = None,
     dynamic_k: DYNAMIC_K_ = None,
+    dropout: DROPOUT_ = None,
+    temperature: TEMPERATURE_ = None,
     seeds: Annotated[
         int,
         typer.Option(
@@ -227,6 +235,8 @@ def evaluate(
         time_gaps=time_gaps,
         recency=recency,
         dynamic_k=dynamic_k,
+        dropout=dropout,
+        temperature=temperature,
     )
     to = train_overrides(
         epochs=epochs,

@@ -80,6 +80,14 @@ DYNAMIC_K_ = Annotated[
         "--dynamic-k/--all-interests", envvar="MIND_DYNAMIC_K", help="K' = log2 |I_u| (default) or always K."
     ),
 ]
+DROPOUT_ = Annotated[
+    float | None,
+    typer.Option("--dropout", envvar="MIND_DROPOUT", help="Dropout on the capsules in training; 0 = off."),
+]
+TEMPERATURE_ = Annotated[
+    float | None,
+    typer.Option("--temperature", envvar="MIND_TEMPERATURE", help="> 0: cosine / temperature; 0 = dot."),
+]
 THREADS_ = Annotated[
     int, typer.Option("--threads", envvar="MIND_THREADS", help="Torch threads (0 = default).")
 ]
@@ -158,6 +166,8 @@ def model_overrides(
     time_gaps: int | None = None,
     recency: int | None = None,
     dynamic_k: bool | None = None,
+    dropout: float | None = None,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
     """The model flags a user gave (None = not given: the data-driven default stands)."""
     given = {
@@ -171,6 +181,8 @@ def model_overrides(
         "time_buckets": time_gaps,
         "recency": recency,
         "dynamic_k": dynamic_k,
+        "dropout": dropout,
+        "temperature": temperature,
     }
     return {k: v for k, v in given.items() if v is not None}
 

@@ -191,8 +191,8 @@ def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str
     """Coordinate search: (setting, candidates) in the order they are tried, each candidate a patch.
 
     Window candidates are percentiles of the TRAINING users' lengths; K >= 2 for MIND-K. Last, the levers
-    that won somewhere in the ablation: hard negatives and cosine scoring for every learned model, the
-    routing regulariser and the covering routing init for MIND-K, or none of them.
+    that won somewhere in the ablation: hard negatives, cosine scoring and capsule dropout for every learned
+    model, the routing regulariser and the covering routing init for MIND-K, or none of them.
     """
     lengths = np.array([len(inter.sequences[u]) for u in split.train_users.tolist()])
     windows = sorted({int(min(50, max(10, np.percentile(lengths, q)))) for q in (75, 90, 97)})
@@ -204,7 +204,12 @@ def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str
     if name == "mind":
         space.append(("K", [{"model": {"K": k}} for k in (2, 4, 8)]))
     # the levers that helped on some data set in the ablation (docs/quality.md), one at a time, or none
-    levers: list[dict] = [{}, {"train": {"hard_beta": 1.0}}, {"model": {"temperature": 0.1}}]
+    levers: list[dict] = [
+        {},
+        {"train": {"hard_beta": 1.0}},
+        {"model": {"temperature": 0.1}},
+        {"model": {"dropout": 0.3}},
+    ]
     if name == "mind":
         levers += [{"train": {"rr": 100.0}}, {"model": {"routing_init": "cover"}}]
     space.append(("lever", levers))
@@ -318,6 +323,7 @@ LEVERS: list[Lever] = [
     Lever("train_max", "training on the max over interests", _flip("train_max", False, True, "", "model")),
     Lever("horizon", "label horizon", lambda s, c, t: _horizon(t)),
     Lever("dropout", "capsule dropout", _flip("dropout", 0.0, 0.3, "dropout:", "model")),
+    Lever("global", "global context u_g", _flip("global_context", False, True, "global context:", "model")),
 ]
 
 

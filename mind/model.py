@@ -15,6 +15,7 @@ Read it top to bottom; it follows the paper:
          b_ij = b_ij + u_j^T S e_i
        K'_u = max(1, min(K, log2 |I_u|))             dynamic interest number (Eq. 9)
   3. ReLU layers over [u_j ; p_u]  ->  V_u = (v_u^1 .. v_u^K')                  (Sec. 4.3)
+     optionally also over u_g = squash(sum_i S e_i), the whole window as one capsule (global context)
   4. Label-aware attention (training only)                                      (Eq. 6)
        v_u = V_u softmax(pow(V_u^T e_label, p))     p = 0: mean, p -> inf: hard attention
   5. Sampled softmax over the item vocabulary, trained with Adam                (Eq. 7-8)
@@ -64,6 +65,8 @@ class MINDConfig:
     bilinear: str = "shared"  # "shared": one S (the paper); "per_interest": S_j (ComiRec-DR)
     train_max: bool = False  # training logits = max over the interests (the serving score) for every item;
     # False: label-aware attention picks one user vector per example (the paper)
+    global_context: bool = False  # each interest's ReLU layers also read the window's one-capsule summary
+    # u_g = squash(sum_i S e_i) (routing with K = 1), so an interest adds to what the whole window says
     dropout: float = 0.0  # dropout on the capsules before the ReLU layers (training only)
     temperature: float = 0.0  # > 0: unit-length item and interest vectors (cosine), logits / temperature;
     # every interest then competes on the same scale in the max-merge (Eq. 3); 0 = raw inner products
@@ -219,8 +222,11 @@ class MIND(nn.Module):
         self.register_buffer("b_init", torch.randn(L, K, generator=g) * cfg.sigma)  # [L,K]
         # 3. ReLU layers over [capsule; profile] (+ the interest's time vector)
         self.time_per_interest = cfg.time_into == "interest" and (self.use_time or self.use_recency)
+        self.global_context = cfg.global_context and not self.mean_pooling
+        profile_width = cfg.n_profile_fields * cfg.profile_dim  # [u_j (; u_g); p_u (; time_j)] below
+        width = d * (1 + self.global_context + self.time_per_interest) + profile_width
         self.mlp = nn.Sequential(
-            nn.Linear(d + cfg.n_profile_fields * cfg.profile_dim + d * self.time_per_interest, cfg.hidden),
+            nn.Linear(width, cfg.hidden),
             nn.ReLU(),
             nn.Linear(cfg.hidden, d),
         )
@@ -392,11 +398,18 @@ class MIND(nn.Module):
         u, k_active, w = self.capsules(item_ids, side_ids, times)  # [B,K,d], [B,K], [B,L,K]
         p_u = self.profile_emb(profile_ids).flatten(1)  # [B,P*profile_dim]
         p_u = p_u[:, None, :].expand(-1, self.K, -1)  # [B,K,P*profile_dim]
-        x = [self.drop(u), p_u]
+        x = [self.drop(u)]
+        if self.global_context:  # u_g = squash(sum_i S e_i): the whole window as one capsule
+            mask = (item_ids > 0)[:, :, None].to(u.dtype)  # [B,L,1]
+            e = self.embed_behaviours(item_ids, side_ids, times)  # [B,L,d]
+            S0 = self.S[0] if self.per_interest else self.S  # [d,d]
+            u_g = squash(((e * mask) @ S0.T).sum(1))  # [B,d]
+            x.append(u_g[:, None, :].expand(-1, self.K, -1))  # [B,K,d]
+        x.append(p_u)
         if self.time_per_interest:  # when interest j's behaviours happened: sum_i w_ij t_i / sum_i w_ij
             t = self.behaviour_time(item_ids, times)  # [B,L,d]
             x.append(torch.einsum("blk,bld->bkd", w, t) / w.sum(1)[:, :, None].clamp(min=1e-9))  # [B,K,d]
-        V = self.mlp(torch.cat(x, dim=-1))  # [B,K,d]  3. ReLU layers over [u_j; p_u (; time_j)]
+        V = self.mlp(torch.cat(x, dim=-1))  # [B,K,d]  3. ReLU layers over [u_j (; u_g); p_u (; time_j)]
         if self.temperature > 0:  # unit interests: the max-merge compares cosines
             V = F.normalize(V, dim=-1)
         V = V * k_active[:, :, None]  # inactive interests are zero

@@ -102,8 +102,9 @@ def test_kmeans_pp_init_seeds_interests_at_distinct_behaviours():
     assert torch.equal(model.capsules(ids, side)[2], model.capsules(ids, side)[2])
 
 
-def test_torchscript_matches_eager():
-    model = _model()
+@pytest.mark.parametrize("kw", [{}, {"global_context": True}], ids=["paper", "global-context"])
+def test_torchscript_matches_eager(kw):
+    model = _model(**kw)
     ids, side, prof = _batch()
     scripted = torch.jit.script(model)
     V, a = model(ids, side, prof)
@@ -273,3 +274,26 @@ def test_an_index_beyond_the_vocabulary_is_the_unknown_item_with_its_own_side_id
     scripted = torch.jit.script(model)
     assert torch.allclose(scripted(cold, side, prof)[0], V, atol=1e-6)
     assert torch.equal(scripted(cold, side, prof)[1], active)
+
+
+def test_global_context_is_the_one_capsule_routing_of_the_whole_window():
+    """u_g, what each interest reads beside its own capsule, is MIND-1's capsule: routing with K = 1."""
+    model = _model(global_context=True)
+    one = _model(K=1)
+    one.load_state_dict(
+        {
+            k: v
+            for k, v in model.state_dict().items()
+            if k in one.state_dict() and "mlp" not in k and k != "b_init"
+        },
+        strict=False,
+    )
+    ids, side, _ = _batch()
+    u1, _, _ = one.capsules(ids, side)  # [B,1,d]
+    seen = []
+    handle = model.mlp.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    model(ids, side, torch.zeros(ids.shape[0], 2, dtype=torch.long))
+    handle.remove()
+    u_g = seen[0][:, :, model.d : 2 * model.d]  # [B,K,d]: after u_j
+    real = (ids > 0).any(1)
+    assert torch.allclose(u_g[real], u1[real].expand(-1, model.K, -1), atol=1e-5)
