@@ -15,6 +15,9 @@ achieved rate, lag (by Little's law, and whether it grew), per-stage p50 / p99 (
 timings, from its debug log), the CPU seconds each process used, and the outcome checked against what was
 published: clicks lost and applied twice (both must be 0).
 
+The broker alone, in the same run: one message at a time produced -> consumed at 100 messages/s with the
+load generator's linger and the worker's fetch wait (`broker_hop_ms`); a click pays that hop twice.
+
 Reference, in the same run: the same model in torch in this process (tower, exact top-N per interest with
 the seen items dropped, the Eq. 3 merge) on the asap run's clicks, in micro-batches of the size the worker
 formed at capacity; clicks/s, and pipeline / reference.
@@ -34,6 +37,8 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
@@ -48,7 +53,8 @@ from mind.retrieval import exact_topn, merge_interests
 from mind.split import comirec_split
 from mind.train import TrainConfig, load_checkpoint, model_config_for, save_checkpoint, train
 from stream.embedded.stack import read_state
-from stream.settings import Settings, load_settings
+from stream.settings import Settings, kafka_config, load_settings
+from stream.topics import ensure_topics
 from stream.window import Catalog, load_catalog
 from workflows.demo import serving
 
@@ -208,6 +214,58 @@ def _one_load(
     return res, ok, run, first
 
 
+# ---- one broker hop --------------------------------------------------------------------------------------
+
+
+def broker_hop(
+    settings: Settings, linger_ms: int, messages: int = 300, rate: float = 100.0, warm: int = 20
+) -> dict[str, Any]:
+    """Produced -> consumed through the broker alone, one message at a time at `rate`, with the load
+    generator's linger and the worker's consumer settings (fetch wait): what each of a click's two hops
+    (clicks topic, recall topic) costs before any worker stage runs. The first `warm` are not counted."""
+    tag = f"hop-{os.getpid()}-{time.monotonic_ns()}"
+    s = settings.model_copy(
+        update={
+            "clicks_topic": f"{tag}-clicks",
+            "recall_topic": f"{tag}-recall",
+            "dlq_topic": f"{tag}-dlq",
+            "group_id": tag,
+            "partitions": 1,
+        }
+    )
+    ensure_topics(AdminClient(kafka_config(s, "admin")), s)
+    producer = Producer(kafka_config(s, "producer", **{"linger.ms": linger_ms}))
+    consumer = Consumer(kafka_config(s, "consumer"))
+    consumer.subscribe([s.clicks_topic])
+    hops: list[float] = []
+    try:
+        for k in range(warm + messages):
+            key = str(k).encode()
+            t0 = time.perf_counter()
+            producer.produce(s.clicks_topic, b"x", key)
+            producer.poll(0)
+            while True:  # the first one also waits out the group join
+                msg = consumer.poll(0.5)
+                if msg is not None and msg.error() is None and msg.key() == key:
+                    break
+                if k >= warm and time.perf_counter() - t0 > 10.0:
+                    raise RuntimeError("the broker did not deliver a message within 10 s")
+            if k >= warm:
+                hops.append((time.perf_counter() - t0) * 1000.0)
+            time.sleep(max(0.0, t0 + 1.0 / rate - time.perf_counter()))  # pacing, not waiting on a condition
+    finally:
+        consumer.close()
+        producer.flush(5)
+    a = np.asarray(hops)
+    return {
+        "messages": len(hops),
+        "rate": rate,
+        "linger_ms": linger_ms,
+        "fetch_wait_max_ms": s.fetch_wait_max_ms,
+        **{k: round(float(np.percentile(a, q)), 3) for k, q in (("p50", 50), ("p99", 99), ("p999", 99.9))},
+    }
+
+
 # ---- the in-process reference ----------------------------------------------------------------------------
 
 
@@ -325,6 +383,8 @@ def run(
             state = read_state(rd / "stack") or {}
             servers = {k: v["pid"] for k, v in state.get("services", {}).items() if k in SERVERS}
             log(f"stack up, model {version} indexed after {time.perf_counter() - t_start:.0f} s")
+            hop = broker_hop(s, sizes.publisher_linger_ms)
+            log(f"one broker hop at 100 messages/s: p50 {hop['p50']} ms, p99 {hop['p99']} ms")
             runs: list[tuple[str, float | None]] = [(str(r), float(r)) for r in sizes.loads]
             if sizes.asap_clicks:
                 runs.append(("asap", None))
@@ -353,6 +413,7 @@ def run(
             "clicks": f"synthetic: {sizes.users} users, Zipf-drawn items, windows filled first",
         },
         "loads": loads,
+        "broker_hop_ms": hop,
         "asap": asap,
         "max_sustained_cps": max_sustained,
         "reference_cps": ref["cps"],
@@ -410,6 +471,9 @@ def table(res: dict[str, Any]) -> str:
         + ", ".join(f"{s} {st[s]['p50']}/{st[s]['p99']}" for s in STAGES)
         + f"; bottleneck {st['bottleneck']}",
         f"CPU seconds at capacity: {top['cpu_seconds']}",
+        f"one broker hop, produced -> consumed at 100 messages/s (ms p50/p99/p99.9): "
+        f"{res['broker_hop_ms']['p50']}/{res['broker_hop_ms']['p99']}/{res['broker_hop_ms']['p999']}; "
+        "a click makes two (clicks topic, recall topic)",
         f"lost {res['lost']}, applied twice {res['applied_twice']}; "
         f"load average {res['machine']['loadavg_start']} -> {res['machine']['loadavg_end']}",
     ]

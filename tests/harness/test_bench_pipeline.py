@@ -39,4 +39,6 @@ def test_bench_pipeline_smoke(tmp_path: Path) -> None:
         assert all(st[s]["p50"] <= st[s]["p99"] for s in ("window", "triton", "recall", "produce"))
         assert out.with_name(f"pipeline_{load}.png").stat().st_size > 0
     assert got["asap"]["achieved_cps"] > 0 and got["max_sustained_cps"] > 0 and got["reference_cps"] > 0
+    hop = got["broker_hop_ms"]  # the broker alone, for the hops a click makes twice
+    assert hop["messages"] == 300 and 0 < hop["p50"] <= hop["p99"] <= hop["p999"]
     assert len(got["machine"]["loadavg_start"]) == 3 and out.with_suffix(".png").stat().st_size > 0
