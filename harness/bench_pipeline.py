@@ -44,7 +44,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from harness.bench_serving import BEAUTY, random_checkpoint
-from harness.load import DEFAULT_CHECKPOINT, LoadRun, _lag, sustained_cps
+from harness.load import DEFAULT_CHECKPOINT, LoadRun, _lag, fresh_topics, sustained_cps
 from harness.machine import host, loadavg
 from mind.experiment import write_json
 from mind.loaders import filter_kcore, load
@@ -224,15 +224,7 @@ def broker_hop(
     generator's linger and the worker's consumer settings (fetch wait): what each of a click's two hops
     (clicks topic, recall topic) costs before any worker stage runs. The first `warm` are not counted."""
     tag = f"hop-{os.getpid()}-{time.monotonic_ns()}"
-    s = settings.model_copy(
-        update={
-            "clicks_topic": f"{tag}-clicks",
-            "recall_topic": f"{tag}-recall",
-            "dlq_topic": f"{tag}-dlq",
-            "group_id": tag,
-            "partitions": 1,
-        }
-    )
+    s = fresh_topics(settings, tag, partitions=1)
     ensure_topics(AdminClient(kafka_config(s, "admin")), s)
     producer = Producer(kafka_config(s, "producer", **{"linger.ms": linger_ms}))
     consumer = Consumer(kafka_config(s, "consumer"))

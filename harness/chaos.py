@@ -59,7 +59,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from harness.hostile import hostile_corpus
-from harness.load import WorkerProc, spawn_worker
+from harness.load import WorkerProc, fresh_topics, spawn_worker
 from harness.proxy import Proxy
 from harness.soak import backpressure, soak
 from indexer.store import normalize_version
@@ -1194,19 +1194,15 @@ class Chaos:
         """Fill a fresh one-partition topic with `batches` one-message record batches, start a worker on it,
         and wait until its /readyz reports the stall or it has read every click."""
         tag = f"{self.tag}-stall{attempt}"
-        ws = self.settings.model_copy(
-            update={
-                "clicks_topic": f"{tag}-clicks",
-                "recall_topic": f"{tag}-recall",
-                "dlq_topic": f"{tag}-dlq",
-                "group_id": tag,
-                "partitions": 1,
-                "fetch_wait_max_ms": 1,
-                "fetch_stall_s": 3.0,
-                "metrics_port": free_port(),
-                "window_len": WINDOW_LEN,
-                "log_json": True,
-            }
+        ws = fresh_topics(
+            self.settings,
+            tag,
+            partitions=1,
+            fetch_wait_max_ms=1,
+            fetch_stall_s=3.0,
+            metrics_port=free_port(),
+            window_len=WINDOW_LEN,
+            log_json=True,
         )
         ensure_topics(AdminClient(kafka_config(ws, "admin")), ws)
         producer = Producer(kafka_config(ws, "producer", **{"linger.ms": 0}))

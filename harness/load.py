@@ -221,6 +221,13 @@ def resolved(settings: Settings) -> Settings:
     )
 
 
+def fresh_topics(settings: Settings, tag: str, **update: Any) -> Settings:
+    """Settings on topics and a consumer group of their own, named by `tag` (plus any other `update`):
+    a run that starts from empty logs and no committed offsets."""
+    names = {"clicks_topic": f"{tag}-clicks", "recall_topic": f"{tag}-recall", "dlq_topic": f"{tag}-dlq"}
+    return settings.model_copy(update={**names, "group_id": tag, **update})
+
+
 def _pct(x: Sequence[float] | np.ndarray, p: float) -> float | None:
     a = np.asarray(x, dtype=np.float64)
     a = a[~np.isnan(a)]
@@ -248,15 +255,11 @@ class LoadRun:
     ) -> None:
 
         self.tag = f"{label}-{uuid.uuid4().hex[:6]}"
-        self.settings = resolved(settings).model_copy(
-            update={
-                "clicks_topic": f"{self.tag}-clicks",
-                "recall_topic": f"{self.tag}-recall",
-                "dlq_topic": f"{self.tag}-dlq",
-                "group_id": self.tag,
-                "log_json": True,
-                "log_level": worker_log_level,  # DEBUG: one line per batch with its stage timings
-            }
+        self.settings = fresh_topics(
+            resolved(settings),
+            self.tag,
+            log_json=True,
+            log_level=worker_log_level,  # DEBUG: one line per batch with its stage timings
         )
         self.checkpoint, self.run_dir, self.n_workers = Path(checkpoint), Path(run_dir), workers
         self.spawn = spawn or spawn_worker(self.checkpoint)
