@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -129,13 +130,10 @@ def test_liveness_bound_is_three_poll_intervals_with_a_30_s_floor() -> None:
     assert Health.liveness_for(60_000) == 180.0
 
 
-@pytest.mark.slow
-def test_run_worker_serves_the_probes(
-    worker_model: Any, kafka_bootstrap: str, redis_url: str, uid: str
-) -> None:
-    """The real worker: ready once it has reached its servers and joined; the server goes with the worker."""
-    port = free_port()
-    s = worker_model.settings(kafka_bootstrap, redis_url, uid, metrics_port=port)
+@contextmanager
+def worker_thread(s: Any, worker_model: Any) -> Iterator[None]:
+    """`run_worker`, the whole entry point with its probe server, on a thread; stopped on exit, which
+    fails if it did not stop within 60 s or raised."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -148,6 +146,21 @@ def test_run_worker_serves_the_probes(
     t = threading.Thread(target=run, daemon=True)
     t.start()
     try:
+        yield
+    finally:
+        stop.set()
+        t.join(60)
+    assert not t.is_alive() and not errors, errors
+
+
+@pytest.mark.slow
+def test_run_worker_serves_the_probes(
+    worker_model: Any, kafka_bootstrap: str, redis_url: str, uid: str
+) -> None:
+    """The real worker: ready once it has reached its servers and joined; the server goes with the worker."""
+    port = free_port()
+    s = worker_model.settings(kafka_bootstrap, redis_url, uid, metrics_port=port)
+    with worker_thread(s, worker_model):
         deadline = time.monotonic() + 60
         body: Any = None
         while time.monotonic() < deadline:
@@ -162,10 +175,6 @@ def test_run_worker_serves_the_probes(
         assert body["checks"]["started"] and not body["checks"]["paused"]
         assert get(port, "/healthz")[0] == 200
         assert "mind_worker_batches_total" in get(port, "/metrics")[1]
-    finally:
-        stop.set()
-        t.join(60)
-    assert not t.is_alive() and not errors
     with pytest.raises(urllib.error.URLError):  # the server stopped with the worker
         get(port, "/healthz")
     assert health.HEALTH.ready()[0] is False
@@ -201,18 +210,7 @@ def test_a_partition_the_broker_stops_serving_fails_readiness(
             producer.flush(10)  # one record batch per click
         stalls = metric("mind_worker_partition_stalls_total")
         done = metric("mind_worker_clicks_total") + len(clicks)
-        stop = threading.Event()
-        errors: list[BaseException] = []
-
-        def run(s: Any = s, stop: threading.Event = stop, errors: list[BaseException] = errors) -> None:
-            try:
-                run_worker(s, stop, checkpoint=worker_model.checkpoint)
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
-                errors.append(exc)
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        try:
+        with worker_thread(s, worker_model):
 
             def stalled_or_read(port: int = port, done: float = done) -> dict[str, Any] | None:
                 if metric("mind_worker_clicks_total") >= done:
@@ -230,10 +228,6 @@ def test_a_partition_the_broker_stops_serving_fails_readiness(
                 assert "no progress" in reason and body["status"] == "fail"
                 assert metric("mind_worker_partition_stalls_total") > stalls
                 assert get(port, "/healthz")[0] == 200  # alive: restarting the worker would not help
-        finally:
-            stop.set()
-            t.join(60)
-        assert not t.is_alive() and not errors
         if stalled:
             break
     else:
