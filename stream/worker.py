@@ -764,8 +764,10 @@ class Worker:
             position = self._committed_at_assign.get((tp.topic, tp.partition), -1)
         if position < 0 and low >= 0:
             position = low
-        elif position < 0:
-            with suppress(KafkaException):  # the log start; unknown (-1) if the broker does not answer
+        elif position < 0 and high >= 0 and not self._paused:
+            # the log start from the broker, which answers fetches; never asked while paused or before a
+            # fetch is answered (an outage), so the loop does not block on it; unknown (-1) if it fails
+            with suppress(KafkaException):
                 position = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)[0]
         return position, (max(0, high - position) if high >= 0 else None)
 
