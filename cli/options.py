@@ -86,7 +86,11 @@ DROPOUT_ = Annotated[
 ]
 TEMPERATURE_ = Annotated[
     float | None,
-    typer.Option("--temperature", envvar="MIND_TEMPERATURE", help="> 0: cosine / temperature; 0 = dot."),
+    typer.Option(
+        "--temperature",
+        envvar="MIND_TEMPERATURE",
+        help="> 0: cosine / temperature; 0 = dot. Default: 0.1 for MIND-K, 0 for one-vector models.",
+    ),
 ]
 THREADS_ = Annotated[
     int, typer.Option("--threads", envvar="MIND_THREADS", help="Torch threads (0 = default).")

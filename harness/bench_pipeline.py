@@ -46,12 +46,12 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from harness.bench_serving import BEAUTY, random_checkpoint
 from harness.load import DEFAULT_CHECKPOINT, LoadRun, _lag, fresh_topics, sustained_cps
 from harness.machine import host, loadavg
-from mind.experiment import write_json
+from mind.experiment import build, rule_settings, write_json
 from mind.loaders import filter_kcore, load
 from mind.model import MIND
 from mind.retrieval import exact_topn, merge_interests
 from mind.split import comirec_split
-from mind.train import TrainConfig, load_checkpoint, model_config_for, save_checkpoint, train
+from mind.train import load_checkpoint, save_checkpoint, train
 from stream.embedded.stack import read_state
 from stream.settings import Settings, kafka_config, load_settings
 from stream.topics import ensure_topics
@@ -95,8 +95,8 @@ def default_model(
         log(f"no {DEFAULT_CHECKPOINT}: training the default model on {source} first")
         inter = filter_kcore(load(source))
         split = comirec_split(inter)
-        net = MIND(model_config_for(inter))
-        tcfg = TrainConfig()
+        cfg, tcfg = build(inter, split, "mind", rule_settings(inter, split, "mind"))
+        net = MIND(cfg)
         res = train(net, inter, np.asarray(split.train_users), split.valid, tcfg, progress=True)
         DEFAULT_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(DEFAULT_CHECKPOINT, net, inter, tcfg, extra={"epoch": res.best_epoch})

@@ -21,6 +21,7 @@ from torch import nn
 from towerkit import ToyTower, export, real_mind
 
 from indexer.build import index_items
+from mind.experiment import DEFAULTS
 from mind.export import export_user_tower
 from mind.model import MIND
 from mind.synthetic import generate
@@ -192,7 +193,8 @@ class WorkerModel:
 def worker_model(tmp_path_factory: pytest.TempPathFactory, triton: Any, milvus_uri: str) -> WorkerModel:
     """~500 items, 40 users, window 8, d=16, K=4: small enough to export, load and index in seconds."""
     inter = generate(n_users=40, n_items=500, n_categories=10, seq_len=(5, 12), seed=3)
-    cfg = model_config_for(inter, d=16, K=4, max_len=8)
+    # MIND-K's default scoring (cosine / temperature), so the served path is the one users get
+    cfg = model_config_for(inter, d=16, K=4, max_len=8, **DEFAULTS["mind"]["model"])
     torch.manual_seed(0)
     model = MIND(cfg).eval()
     path = tmp_path_factory.mktemp("worker") / "mind.pt"

@@ -177,6 +177,18 @@ def test_tune_keeps_the_best_validation_candidate_and_never_reads_test_users(mon
     assert chosen.why["K"].startswith("tune:")
 
 
+def test_mind_k_ranks_by_cosine_by_default_and_one_vector_models_by_inner_product():
+    inter = generate(n_users=120, n_items=80, n_categories=4, seed=5)
+    split = comirec_split(inter)
+    rules = {name: experiment.rule_settings(inter, split, name) for name in experiment.LEARNED}
+    temperature = {name: experiment.build(inter, split, name, s)[0].temperature for name, s in rules.items()}
+    assert temperature == {"mind": 0.1, "mind_1": 0.0, "youtube_dnn": 0.0}
+    flagged = rules["mind"].merged({"temperature": 0.0})  # a flag wins over the default
+    assert experiment.build(inter, split, "mind", flagged)[0].temperature == 0.0
+    levers = dict(experiment.search_space(inter, split, "mind"))["lever"]
+    assert {"model": {"temperature": 0.0}} in levers  # --tune can still pick inner products for MIND-K
+
+
 def test_the_window_rule_reads_training_users_only():
     inter = generate(n_users=300, n_items=150, n_categories=6, seed=1, seq_len=(10, 20))
     split = comirec_split(inter)
