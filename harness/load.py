@@ -413,6 +413,9 @@ class LoadRun:
                     c.close()
         if self._producer is not None:
             self._producer.flush(10)
+            # librdkafka keeps reconnecting until the client is freed; a run read after its stack is down
+            # (the in-process reference reads its clicks) must not hold one
+            self._producer = None
 
     # ---- publishing ------------------------------------------------------------------------------
 
