@@ -21,6 +21,7 @@ from cli.options import (
     DYNAMIC_K_,
     EPOCHS_,
     HARD_BETA_,
+    IGNORE_TUNED_,
     INIT_,
     ITERS_,
     K_,
@@ -38,6 +39,7 @@ from cli.options import (
     TEMPERATURE_,
     THREADS_,
     TIME_GAPS_,
+    TUNED_,
     Data,
     Fmt,
     SkipBad,
@@ -90,18 +92,21 @@ def train(
             help="Cold start: share of items each step treats as unknown (side ids only); 0 = off.",
         ),
     ] = 0.0,
+    tuned_dir: TUNED_ = Path("runs/tuned"),
+    ignore_tuned: IGNORE_TUNED_ = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train one model on the training users (stopped when the validation users converge) and save it.
 
-    Settings not given come from the data set's rules (mind.experiment.rule_settings), as in `evaluate`.
+    Settings not given come from the choice `evaluate --tune` recorded for this data set, else from the data
+    set's rules (mind.experiment.rule_settings), as in `evaluate`.
     Under `torchrun --nproc_per_node=N -m cli train ...` the same flags train data-parallel
     (DDP, --batch-size per process); rank 0 alone saves and prints (docs/training.md).
     """
     import numpy as np
     import torch
 
-    from mind.experiment import LEARNED, build, rule_settings
+    from mind.experiment import LEARNED, build, settings_for, tuned_file
     from mind.model import MIND
     from mind.split import comirec_split
     from mind.train import distributed, save_checkpoint
@@ -138,7 +143,11 @@ def train(
             rr=rr,
         )
         to.update(seed=seed, threads=threads, unknown_rate=unknown_rate)
-        cfg, tcfg = build(inter, split, model, rule_settings(inter, split, model).merged(mo, to))
+        chosen = settings_for(inter, split, model, None if ignore_tuned else tuned_dir)
+        recorded = tuned_file(tuned_dir, inter)
+        if ddp.main and any(recorded.name in w for w in chosen.why.values()):
+            typer.echo(f"settings chosen by --tune: {recorded}")
+        cfg, tcfg = build(inter, split, model, chosen.merged(mo, to))
         torch.manual_seed(seed)
         net = MIND(cfg)
         res = fit(net, inter, np.asarray(split.train_users), split.valid, tcfg, ckpt=out, dist=ddp)
@@ -214,11 +223,14 @@ def evaluate(
     checkpoints: Annotated[
         Path | None, typer.Option(help="Directory to keep each model's checkpoint.")
     ] = None,
+    tuned_dir: TUNED_ = Path("runs/tuned"),
+    ignore_tuned: IGNORE_TUNED_ = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train every model, evaluate on the test users (ComiRec + MIND-paper protocols), write the report.
 
-    Settings not given come from the data set's rules (or from --tune); the report records each one's source.
+    Settings not given come from --tune, from the choice an earlier --tune recorded for this data set, or from
+    the data set's rules; the report records each one's source.
     """
     from mind.experiment import run_offline, table
 
@@ -259,9 +271,12 @@ def evaluate(
         do_tune=tune,
         do_ablate=ablate,
         levers=tuple(x.strip() for x in levers.split(",")) if levers else None,
+        tuned_dir=None if ignore_tuned else tuned_dir,
     )
     typer.echo(f"\n{report['dataset']}: {report['users']['test']} test users, ComiRec protocol\n")
     typer.echo(table(report))
+    if "tuned_file" in report:
+        typer.echo(f"\nsettings chosen by --tune: {report['tuned_file']}")
     typer.echo(f"\nwrote {out} and {out.with_suffix('.png')} in {report['seconds']:.0f} s")
 
 

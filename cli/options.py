@@ -49,6 +49,22 @@ EPOCHS_ = Annotated[int | None, typer.Option("--epochs", envvar="MIND_EPOCHS", h
 LR_ = Annotated[float | None, typer.Option("--lr", envvar="MIND_LR", help="Adam learning rate.")]
 BATCH_ = Annotated[int | None, typer.Option("--batch-size", envvar="MIND_BATCH_SIZE")]
 SEED_ = Annotated[int, typer.Option("--seed", envvar="MIND_SEED")]
+TUNED_ = Annotated[
+    Path,
+    typer.Option(
+        "--tuned-dir",
+        envvar="MIND_TUNED_DIR",
+        help="Where `evaluate --tune` records its choice per data set; `train` and `evaluate` then use it.",
+    ),
+]
+IGNORE_TUNED_ = Annotated[
+    bool,
+    typer.Option(
+        "--ignore-tuned",
+        envvar="MIND_IGNORE_TUNED",
+        help="Train with the rules, not a recorded --tune choice.",
+    ),
+]
 BUDGET_ = Annotated[
     float | None,
     typer.Option("--budget", envvar="MIND_BUDGET", help="Seconds of training per model (default: none)."),

@@ -13,6 +13,7 @@ users (per-user metric averaged over the seeds) with a 95 % t-interval.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 import time
@@ -268,6 +269,39 @@ def tune(
     return best, trials
 
 
+def tuned_file(root: Path, inter: Interactions) -> Path:
+    """Where `--tune` keeps its choice for this data set. The name carries a digest of what the data set
+    holds, so an edited file is not run with the settings another one was tuned on."""
+    what = f"{inter.name}|{inter.n_items}|{inter.n_interactions}|{len(inter.sequences)}"
+    return Path(root) / f"{inter.name}-{hashlib.sha256(what.encode()).hexdigest()[:12]}.json"
+
+
+def save_tuned(path: Path, chosen: dict[str, Settings]) -> Path:
+    """Record each model's chosen settings (merged into what the file already holds for other models)."""
+    held = orjson.loads(path.read_bytes()) if path.exists() else {}
+    for name, s in chosen.items():  # how many threads ran the search is the machine's, not the choice
+        held[name] = asdict(s.merged()) | {"train": {k: v for k, v in s.train.items() if k != "threads"}}
+    return write_json(path, held)
+
+
+def load_tuned(path: Path) -> dict[str, Settings]:
+    """The settings `--tune` chose for a data set, each source marked as read from `path`."""
+    out = {}
+    for name, s in orjson.loads(Path(path).read_bytes()).items():
+        out[name] = Settings(
+            s["model"], s["train"], {k: f"{v} [{Path(path).name}]" for k, v in s["why"].items()}
+        )
+    return out
+
+
+def settings_for(inter: Interactions, split: Split, name: str, tuned_dir: Path | None = None) -> Settings:
+    """A model's settings before the user's flags: the choice `--tune` recorded for this data set in
+    `tuned_dir` when there is one, else the rules."""
+    path = tuned_file(tuned_dir, inter) if tuned_dir is not None else None
+    chosen = load_tuned(path) if path is not None and path.exists() else {}
+    return chosen.get(name) or rule_settings(inter, split, name)
+
+
 # ---- the lever ablation on the validation users ----------------------------------------------------
 @dataclass
 class Lever:
@@ -395,12 +429,15 @@ def run_offline(
     do_tune: bool = False,
     do_ablate: bool = False,
     levers: tuple[str, ...] | None = None,
+    tuned_dir: Path | None = None,
 ) -> dict:
     """Train and evaluate every requested model; returns (and writes) the report dict.
 
     model_overrides / train_overrides: settings the user gave (they win over rules and search).
     train_cfg: a full TrainConfig (older callers); its fields that differ from TrainConfig() count as
     given by the user. seeds: learned models are trained with seeds train_seed, train_seed + 1, ...
+    tuned_dir: where `--tune` records its choice per data set (`tuned_file`); without do_tune a model
+    trains with the recorded choice when there is one, else with the rules.
     """
     t_start = time.perf_counter()
     given_train = dict(train_overrides or {})
@@ -438,6 +475,7 @@ def run_offline(
     }
     per_user: dict[str, dict[str, np.ndarray]] = {}
     learned_models: dict[str, MIND] = {}
+    tuned_path = tuned_file(tuned_dir, inter) if tuned_dir is not None else None
     for name in models:
         t0 = time.perf_counter()
         if name in ("mostpop", "itemcf"):
@@ -448,12 +486,21 @@ def run_offline(
             )
             runs = [(base.recommend, None)]
         elif name in LEARNED:
-            settings = rule_settings(inter, split, name).merged(model_overrides, given_train)
+            settings = settings_for(inter, split, name, None if do_tune else tuned_dir)
+            settings = settings.merged(model_overrides, given_train)
+            if (
+                tuned_path is not None
+                and not do_tune
+                and any(tuned_path.name in w for w in settings.why.values())
+            ):
+                report["tuned_file"] = str(tuned_path)
             for k in list(model_overrides or {}) + list(given_train):
                 settings.why[k] = "user"
             if do_tune:
                 settings, trials = tune(inter, split, name, settings, base_seed, progress)
                 report.setdefault("tune", {})[name] = {"trials": trials, "chosen": asdict(settings)}
+                if tuned_path is not None:
+                    report["tuned_file"] = str(save_tuned(tuned_path, {name: settings}))
             report["settings"][name] = asdict(settings)
             runs = []
             for s in range(seeds):

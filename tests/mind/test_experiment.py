@@ -177,6 +177,36 @@ def test_tune_keeps_the_best_validation_candidate_and_never_reads_test_users(mon
     assert chosen.why["K"].startswith("tune:")
 
 
+def test_the_choice_of_tune_is_recorded_and_is_what_the_next_run_trains_with(tmp_path, monkeypatch):
+    inter = generate(n_users=150, n_items=80, n_categories=4, seed=3)
+
+    def fake_score(inter, split, name, settings, seed, progress):
+        # a made-up validation surface: lr 3e-3 and capsule dropout win
+        score = (settings.train.get("lr") == 3e-3) + (settings.model.get("dropout") == 0.3)
+        return {"valid": {"recall@50": score}, "best_epoch": 1}
+
+    monkeypatch.setattr(experiment, "valid_score", fake_score)
+    run = dict(models=("mind",), train_overrides={"epochs": 1}, progress=False)
+    tuned = experiment.run_offline(inter, do_tune=True, tuned_dir=tmp_path, **run)
+    recorded = experiment.tuned_file(tmp_path, inter)
+    assert tuned["tuned_file"] == str(recorded) and recorded.exists()
+
+    again = experiment.run_offline(inter, tuned_dir=tmp_path, **run)  # no --tune: the recorded choice
+    assert again["tuned_file"] == str(recorded)
+    assert again["config"]["train"]["mind"]["lr"] == 3e-3
+    assert again["config"]["models"]["mind"]["dropout"] == 0.3
+    assert again["settings"]["mind"]["why"]["lr"].startswith("tune:")
+    assert again["settings"]["mind"]["why"]["lr"].endswith(f"[{recorded.name}]")
+
+    rules = experiment.run_offline(inter, **run)  # no recorded choice to read: the rules
+    assert "tuned_file" not in rules
+    assert rules["config"]["train"]["mind"]["lr"] == 1e-3
+    assert rules["config"]["models"]["mind"]["dropout"] == 0
+    other = generate(n_users=160, n_items=80, n_categories=4, seed=4)  # another data set keeps its rules
+    assert experiment.tuned_file(tmp_path, other) != recorded
+    assert experiment.settings_for(other, comirec_split(other), "mind", tmp_path).train.get("lr") is None
+
+
 def test_mind_k_ranks_by_cosine_by_default_and_one_vector_models_by_inner_product():
     inter = generate(n_users=120, n_items=80, n_categories=4, seed=5)
     split = comirec_split(inter)
