@@ -181,8 +181,8 @@ def test_the_choice_of_tune_is_recorded_and_is_what_the_next_run_trains_with(tmp
     inter = generate(n_users=150, n_items=80, n_categories=4, seed=3)
 
     def fake_score(inter, split, name, settings, seed, progress):
-        # a made-up validation surface: lr 3e-3 and capsule dropout win
-        score = (settings.train.get("lr") == 3e-3) + (settings.model.get("dropout") == 0.3)
+        # a made-up validation surface: lr 3e-3 and hard negatives win
+        score = (settings.train.get("lr") == 3e-3) + (settings.train.get("hard_beta") == 1.0)
         return {"valid": {"recall@50": score}, "best_epoch": 1}
 
     monkeypatch.setattr(experiment, "valid_score", fake_score)
@@ -194,29 +194,36 @@ def test_the_choice_of_tune_is_recorded_and_is_what_the_next_run_trains_with(tmp
     again = experiment.run_offline(inter, tuned_dir=tmp_path, **run)  # no --tune: the recorded choice
     assert again["tuned_file"] == str(recorded)
     assert again["config"]["train"]["mind"]["lr"] == 3e-3
-    assert again["config"]["models"]["mind"]["dropout"] == 0.3
+    assert again["config"]["train"]["mind"]["hard_beta"] == 1.0
     assert again["settings"]["mind"]["why"]["lr"].startswith("tune:")
     assert again["settings"]["mind"]["why"]["lr"].endswith(f"[{recorded.name}]")
 
     rules = experiment.run_offline(inter, **run)  # no recorded choice to read: the rules
     assert "tuned_file" not in rules
     assert rules["config"]["train"]["mind"]["lr"] == 1e-3
-    assert rules["config"]["models"]["mind"]["dropout"] == 0
+    assert rules["config"]["train"]["mind"]["hard_beta"] == 0.0
     other = generate(n_users=160, n_items=80, n_categories=4, seed=4)  # another data set keeps its rules
     assert experiment.tuned_file(tmp_path, other) != recorded
     assert experiment.settings_for(other, comirec_split(other), "mind", tmp_path).train.get("lr") is None
 
 
-def test_mind_k_ranks_by_cosine_by_default_and_one_vector_models_by_inner_product():
+def test_mind_k_ranks_by_cosine_and_drops_capsules_by_default_and_one_vector_models_keep_the_paper():
     inter = generate(n_users=120, n_items=80, n_categories=4, seed=5)
     split = comirec_split(inter)
     rules = {name: experiment.rule_settings(inter, split, name) for name in experiment.LEARNED}
-    temperature = {name: experiment.build(inter, split, name, s)[0].temperature for name, s in rules.items()}
-    assert temperature == {"mind": 0.1, "mind_1": 0.0, "youtube_dnn": 0.0}
-    flagged = rules["mind"].merged({"temperature": 0.0})  # a flag wins over the default
+    cfgs = {name: experiment.build(inter, split, name, s)[0] for name, s in rules.items()}
+    assert {name: (c.temperature, c.dropout) for name, c in cfgs.items()} == {
+        "mind": (0.1, 0.3),
+        "mind_1": (0.0, 0.0),
+        "youtube_dnn": (0.0, 0.0),
+    }
+    flagged = rules["mind"].merged({"temperature": 0.0, "dropout": 0.0})  # flags win over the defaults
     assert experiment.build(inter, split, "mind", flagged)[0].temperature == 0.0
+    assert experiment.build(inter, split, "mind", flagged)[0].dropout == 0.0
     levers = dict(experiment.search_space(inter, split, "mind"))["lever"]
-    assert {"model": {"temperature": 0.0}} in levers  # --tune can still pick inner products for MIND-K
+    assert {"model": {"temperature": 0.0}} in levers  # --tune can still pick the paper's model for MIND-K
+    assert {"model": {"dropout": 0.0}} in levers
+    assert {"model": {"dropout": 0.3}} in dict(experiment.search_space(inter, split, "mind_1"))["lever"]
 
 
 def test_the_window_rule_reads_training_users_only():
