@@ -106,7 +106,7 @@ def train(
     import numpy as np
     import torch
 
-    from mind.experiment import LEARNED, build, settings_for, tuned_file
+    from mind.experiment import LEARNED, build, model_settings
     from mind.model import MIND
     from mind.split import comirec_split
     from mind.train import distributed, save_checkpoint
@@ -143,10 +143,9 @@ def train(
             rr=rr,
         )
         to.update(seed=seed, threads=threads, unknown_rate=unknown_rate)
-        chosen = settings_for(inter, split, model, None if ignore_tuned else tuned_dir)
-        recorded = tuned_file(tuned_dir, inter)
-        if ddp.main and any(recorded.name in w for w in chosen.why.values()):
-            typer.echo(f"settings chosen by --tune: {recorded}")
+        chosen, read = model_settings(inter, split, model, None if ignore_tuned else tuned_dir)
+        if ddp.main and read is not None:
+            typer.echo(f"settings chosen by --tune: {read}")
         cfg, tcfg = build(inter, split, model, chosen.merged(mo, to))
         torch.manual_seed(seed)
         net = MIND(cfg)

@@ -283,26 +283,29 @@ def save_tuned(path: Path, chosen: dict[str, Settings]) -> Path:
     """Record each model's chosen settings (merged into what the file already holds for other models)."""
     held = orjson.loads(path.read_bytes()) if path.exists() else {}
     for name, s in chosen.items():  # how many threads ran the search is the machine's, not the choice
-        held[name] = asdict(s.merged()) | {"train": {k: v for k, v in s.train.items() if k != "threads"}}
+        held[name] = {**asdict(s), "train": {k: v for k, v in s.train.items() if k != "threads"}}
     return write_json(path, held)
 
 
 def load_tuned(path: Path) -> dict[str, Settings]:
     """The settings `--tune` chose for a data set, each source marked as read from `path`."""
-    out = {}
-    for name, s in orjson.loads(Path(path).read_bytes()).items():
-        out[name] = Settings(
-            s["model"], s["train"], {k: f"{v} [{Path(path).name}]" for k, v in s["why"].items()}
-        )
-    return out
+    path = Path(path)
+    return {
+        name: Settings(s["model"], s["train"], {k: f"{v} [{path.name}]" for k, v in s["why"].items()})
+        for name, s in orjson.loads(path.read_bytes()).items()
+    }
 
 
-def settings_for(inter: Interactions, split: Split, name: str, tuned_dir: Path | None = None) -> Settings:
-    """A model's settings before the user's flags: the choice `--tune` recorded for this data set in
-    `tuned_dir` when there is one, else the rules."""
+def model_settings(
+    inter: Interactions, split: Split, name: str, tuned_dir: Path | None = None
+) -> tuple[Settings, Path | None]:
+    """A model's settings before the user's flags, and the file they were read from: the choice `--tune`
+    recorded for this data set in `tuned_dir` when there is one, else the rules (and None)."""
     path = tuned_file(tuned_dir, inter) if tuned_dir is not None else None
     chosen = load_tuned(path) if path is not None and path.exists() else {}
-    return chosen.get(name) or rule_settings(inter, split, name)
+    if name in chosen:
+        return chosen[name], path
+    return rule_settings(inter, split, name), None
 
 
 # ---- the lever ablation on the validation users ----------------------------------------------------
@@ -478,7 +481,6 @@ def run_offline(
     }
     per_user: dict[str, dict[str, np.ndarray]] = {}
     learned_models: dict[str, MIND] = {}
-    tuned_path = tuned_file(tuned_dir, inter) if tuned_dir is not None else None
     for name in models:
         t0 = time.perf_counter()
         if name in ("mostpop", "itemcf"):
@@ -489,21 +491,17 @@ def run_offline(
             )
             runs = [(base.recommend, None)]
         elif name in LEARNED:
-            settings = settings_for(inter, split, name, None if do_tune else tuned_dir)
+            settings, read = model_settings(inter, split, name, None if do_tune else tuned_dir)
             settings = settings.merged(model_overrides, given_train)
-            if (
-                tuned_path is not None
-                and not do_tune
-                and any(tuned_path.name in w for w in settings.why.values())
-            ):
-                report["tuned_file"] = str(tuned_path)
+            if read is not None:
+                report["tuned_file"] = str(read)
             for k in list(model_overrides or {}) + list(given_train):
                 settings.why[k] = "user"
             if do_tune:
                 settings, trials = tune(inter, split, name, settings, base_seed, progress)
                 report.setdefault("tune", {})[name] = {"trials": trials, "chosen": asdict(settings)}
-                if tuned_path is not None:
-                    report["tuned_file"] = str(save_tuned(tuned_path, {name: settings}))
+                if tuned_dir is not None:
+                    report["tuned_file"] = str(save_tuned(tuned_file(tuned_dir, inter), {name: settings}))
             report["settings"][name] = asdict(settings)
             runs = []
             for s in range(seeds):

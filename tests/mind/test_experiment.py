@@ -204,7 +204,8 @@ def test_the_choice_of_tune_is_recorded_and_is_what_the_next_run_trains_with(tmp
     assert rules["config"]["train"]["mind"]["hard_beta"] == 0.0
     other = generate(n_users=160, n_items=80, n_categories=4, seed=4)  # another data set keeps its rules
     assert experiment.tuned_file(tmp_path, other) != recorded
-    assert experiment.settings_for(other, comirec_split(other), "mind", tmp_path).train.get("lr") is None
+    settings, read = experiment.model_settings(other, comirec_split(other), "mind", tmp_path)
+    assert read is None and settings.train.get("lr") is None
 
 
 def test_mind_k_ranks_by_cosine_and_drops_capsules_by_default_and_one_vector_models_keep_the_paper():
