@@ -21,9 +21,10 @@ offset in one script, which Redis runs atomically. A click is appended only if i
 the stored one, so a re-delivered click (crash before the Kafka commit, a rebalance, a zombie worker) is
 skipped, and a batch that overlaps an applied one applies only its newer clicks. A click whose event id
 was applied within the last `event_memory` clicks of its partition is skipped too (a producer that retried
-without idempotence, a log replayed twice). The script returns the touched windows, so a batch pays one
-round trip per partition for both the write and the read; calling it again (a retry) applies nothing
-and returns the same windows.
+without idempotence, a log replayed twice). The script returns the touched windows, so a partition's
+share of a batch is one script call for both the write and the read; calling it again (a retry) applies
+nothing and returns the same windows. The calls of a batch's partitions go out in one pipelined round
+trip (without MULTI: each call is atomic by itself, and the partitions are independent).
 
 Fencing: every write derived from a batch carries the fence of the click that triggered it,
 `fence(generation, offset)` = generation * 10**12 + offset, which only grows along a partition's history,
@@ -34,8 +35,8 @@ carries the same fence, and the candidate view keeps the newest by it. Windows a
 partition offset itself.
 
 Redis Cluster (`client` a redis.cluster.RedisCluster, see stream.settings.redis_client): each script call
-names only keys of one partition, so it goes to the one node that serves that slot. The reads are
-pipelines without MULTI, which the cluster client splits by node. While a slot migrates, a script call
+names only keys of one partition, so it goes to the one node that serves that slot. Script calls and reads
+are pipelines without MULTI, which the cluster client splits by node. While a slot migrates, a script call
 that names a key the node does not hold (moved already, or absent, like the generation key of a partition
 never reset) is refused with TRYAGAIN or redirected before it runs; redis-py retries TRYAGAIN for about
 0.4 s, then raises, and the worker retries the batch, which the offset guard makes safe.
@@ -49,6 +50,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import redis
+from redis.exceptions import NoScriptError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from stream import metrics
@@ -151,6 +153,13 @@ def _cluster_errors_as_redis_errors(fn: Callable[[], _T]) -> _T:
         raise err from exc
 
 
+def _raise_first_error(outs: Sequence[Any]) -> None:
+    """Pipelined calls answer each for itself: the first that failed fails the batch."""
+    failed = next((out for out in outs if isinstance(out, BaseException)), None)
+    if failed is not None:
+        raise failed
+
+
 class ApplyResult(NamedTuple):
     stored_before: int  # -1: the partition had no stored offset
     applied: int  # clicks appended
@@ -174,6 +183,26 @@ class UserClicks(NamedTuple):
     items: Sequence[int]
     event_ids: Sequence[str] = ()  # empty: no event-id check for these clicks
     times: Sequence[int] = ()  # click times, unix seconds; empty: unknown (0)
+
+
+class Share(NamedTuple):
+    """One partition's share of a batch for the window script: its users' clicks and the batch's last
+    offset in that partition (the value the offset guard stores)."""
+
+    partition: int
+    last_offset: int
+    users: Sequence[UserClicks | tuple[Any, ...]]
+
+
+class InterestRows(NamedTuple):
+    """One partition's share of a batch for the interests script: users, their fences, vectors [B,K,d]
+    and active masks [B,K]."""
+
+    partition: int
+    users: Sequence[str]
+    fences: Sequence[int]
+    vectors: np.ndarray
+    active: np.ndarray
 
 
 def parse_window(entries: Sequence[bytes | str]) -> Window:
@@ -245,17 +274,44 @@ class WindowState:
     def apply(
         self, partition: int, last_offset: int, users: Sequence[UserClicks | tuple[Any, ...]]
     ) -> tuple[ApplyResult, list[Window]]:
-        """One script call for one partition's share of a batch; returns what it did and the users' windows
-        after it (in `users` order).
+        """One partition's share of a batch (see apply_batch)."""
+        into: dict[int, tuple[ApplyResult, list[Window]]] = {}
+        self.apply_batch([Share(partition, last_offset, users)], into)
+        return into[partition]
+
+    def apply_batch(self, shares: Sequence[Share], into: dict[int, tuple[ApplyResult, list[Window]]]) -> None:
+        """Apply each partition's share of a batch, one script call each, all in one round trip; each
+        partition's result (what it did, and its users' windows after it, in `users` order) lands in
+        `into` as it arrives, so a caller that retries after an error sends only the partitions missing.
 
         Clicks with offset <= the stored offset are skipped, and so are clicks whose event id is among the
         partition's last `event_memory` applied ones; the stored offset becomes `last_offset` unless it
         already was >= it.
         """
+        calls, totals = [], []
+        for share in shares:
+            keys, args, total = self._apply_call(share)
+            calls.append((keys, args))
+            totals.append(total)
+        outs: list[Any] = [None] * len(calls)
+        try:
+            self._scripts(self._apply, calls, outs)
+        finally:  # what succeeded is kept, even when the retries of the rest ran out
+            for share, total, out in zip(shares, totals, outs, strict=True):
+                if out is None or isinstance(out, BaseException):
+                    continue
+                before, applied, dupes, gen = int(out[0]), int(out[1]), int(out[2]), int(out[4])
+                windows = [parse_window(w) for w in out[5:]]
+                res = ApplyResult(before, applied, total - applied - dupes, dupes, gen)
+                into[share.partition] = res, windows
+        _raise_first_error(outs)
+
+    def _apply_call(self, share: Share) -> tuple[list[str], list[Any], int]:
+        partition = share.partition
         keys = [self.offset_key(partition), self.events_key(partition), self.generation_key(partition)]
-        args: list[Any] = [int(last_offset), self.max_len, self.event_memory]
+        args: list[Any] = [int(share.last_offset), self.max_len, self.event_memory]
         total = 0
-        for u in users:
+        for u in share.users:
             uc = u if isinstance(u, UserClicks) else UserClicks(*u)
             n = len(uc.offsets)
             if (
@@ -271,10 +327,39 @@ class WindowState:
             for off, ev, item, ts in zip(uc.offsets, events, uc.items, times, strict=True):
                 args.extend((int(off), ev, f"{int(item)}:{int(ts)}"))
             total += n
-        out = self._call(lambda: self._apply(keys=keys, args=args))
-        before, applied, dupes, gen = int(out[0]), int(out[1]), int(out[2]), int(out[4])
-        windows = [parse_window(w) for w in out[5:]]
-        return ApplyResult(before, applied, total - applied - dupes, dupes, gen), windows
+        return keys, args, total
+
+    def _scripts(self, script: Any, calls: Sequence[tuple[list[str], list[Any]]], results: list[Any]) -> None:
+        """Each (keys, args) call of a registered script, in one pipelined round trip; `results` gets a
+        result per call, or the error it raised, as they arrive. Connection failures are retried (the
+        calls that succeeded are not sent again); a script the server does not hold yet (NOSCRIPT) is
+        loaded and its calls sent again."""
+        todo = list(range(len(calls)))
+
+        def run() -> None:
+            while todo:
+                pipe = self.client.pipeline(transaction=False)
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                outs = [
+                    cluster_error(out) if isinstance(out, Exception) else out
+                    for out in pipe.execute(raise_on_error=False)
+                ]
+                missing = [i for i, out in zip(todo, outs, strict=True) if isinstance(out, NoScriptError)]
+                lost = next((o for o in outs if isinstance(o, TRANSIENT)), None)
+                for i, out in zip(todo, outs, strict=True):
+                    if not isinstance(out, (NoScriptError, *TRANSIENT)):
+                        results[i] = out
+                if lost is not None:
+                    todo[:] = [i for i, out in zip(todo, outs, strict=True) if isinstance(out, TRANSIENT)]
+                    raise lost
+                if missing:
+                    self.client.script_load(script.script)
+                todo[:] = missing
+
+        if calls:
+            self._call(run)
 
     def read_windows(self, users: Sequence[tuple[int, str]]) -> list[list[int]]:
         """The item indices of (partition, user) windows, oldest first (one pipelined round trip)."""
@@ -331,28 +416,47 @@ class WindowState:
         model_version: str,
         ts: float | None = None,
     ) -> int:
+        """One partition's share of a batch (see write_interests_batch)."""
+        return self.write_interests_batch(
+            [InterestRows(partition, users, fences, vectors, active)], model_version, ts
+        )
+
+    def write_interests_batch(
+        self, shares: Sequence[InterestRows], model_version: str, ts: float | None = None
+    ) -> int:
         """Store each user's active interest vectors [k, d] (float32 bytes) with the version and time, if its
         fence (`fence(generation, triggering click's offset)`) is newer than the stored one. One script call
-        for the users of one partition; returns how many were written (the others were older)."""
-        vec = np.asarray(vectors, dtype=np.float32)
-        act = np.asarray(active, dtype=bool)
-        if (
-            vec.ndim != 3
-            or act.shape != vec.shape[:2]
-            or len(users) != vec.shape[0]
-            or len(fences) != len(users)
-        ):
-            raise ValueError(f"need vectors [B,K,d], active [B,K] and fences for {len(users)} users")
-        if not users:
-            return 0
+        per partition, all in one round trip; returns how many users were written (the others were older).
+        A retry writes nothing twice: the fence check skips what was written."""
         now = repr(time.time() if ts is None else float(ts))
+        calls = [call for share in shares if (call := self._interests_call(share, model_version, now))]
+        outs: list[Any] = [None] * len(calls)
+        self._scripts(self._interests, calls, outs)
+        _raise_first_error(outs)
+        return sum(int(out) for out in outs)
+
+    @staticmethod
+    def _check_rows(share: InterestRows) -> tuple[np.ndarray, np.ndarray]:
+        vec = np.asarray(share.vectors, dtype=np.float32)
+        act = np.asarray(share.active, dtype=bool)
+        n = len(share.users)
+        if vec.ndim != 3 or act.shape != vec.shape[:2] or n != vec.shape[0] or len(share.fences) != n:
+            raise ValueError(f"need vectors [B,K,d], active [B,K] and fences for {n} users")
+        return vec, act
+
+    def _interests_call(
+        self, share: InterestRows, model_version: str, now: str
+    ) -> tuple[list[str], list[Any]] | None:
+        vec, act = self._check_rows(share)
+        if not share.users:
+            return None
         d = vec.shape[2]
         keys, args = [], []
-        for u, fence, v, a in zip(users, fences, vec, act, strict=True):
+        for u, fence_, v, a in zip(share.users, share.fences, vec, act, strict=True):
             rows = np.ascontiguousarray(v[a], dtype="<f4")
-            keys.append(self.interests_key(partition, u))
-            args.extend((int(fence), rows.tobytes(), int(rows.shape[0]), d, model_version, now))
-        return int(self._call(lambda: self._interests(keys=keys, args=args)))
+            keys.append(self.interests_key(share.partition, u))
+            args.extend((int(fence_), rows.tobytes(), int(rows.shape[0]), d, model_version, now))
+        return keys, args
 
     def read_interests(self, partition: int, user_id: str) -> tuple[np.ndarray, str, float, int] | None:
         """(vectors [k, d], model_version, ts, fence) or None: for the candidate view, tools and tests."""

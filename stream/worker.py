@@ -10,12 +10,13 @@ ran. It goes through seven stages in two halves:
   head, on the loop's thread:
   1. parse      validate each message; bad ones go to the DLQ with reason, bytes, partition, offset
   2. window     ONE Lua script call per partition appends the clicks AND stores the partition's offset
-                (atomic; re-delivered clicks and duplicated event ids are skipped) and returns the windows
+                (atomic; re-delivered clicks and duplicated event ids are skipped) and returns the windows;
+                the calls of all the batch's partitions share one pipelined round trip
   3. triton     ONE batched tower call for the batch's distinct users; the served version is checked
                 against the item index's active version before anything is written
   tail, on the tail thread, overlapping the next batch's head:
   4. kv_write   interest vectors + model version, fenced by the triggering click's offset (one script per
-                partition), on its own thread while 5 runs
+                partition, all in one round trip), on its own thread while 5 runs
   5. recall     ONE batched ANN search for every active interest, merged per user
   6. produce    dead letters, then one recall message per refreshed user (idempotent producer), flush,
                 check every delivery report
@@ -78,7 +79,7 @@ from stream.fetch import available
 from stream.recall import Recaller
 from stream.schemas import Click, InvalidEvent, dlq_record_for, dump_recall, parse_click
 from stream.settings import Settings, kafka_config, load_settings, redis_client
-from stream.state import UserClicks, Window, WindowState, fence
+from stream.state import ApplyResult, InterestRows, Share, UserClicks, Window, WindowState, fence
 from stream.topics import ensure_topics
 from stream.tower import TowerError, TritonTower
 from stream.window import Catalog, Indexed, UserBatch, group_by_user, load_catalog
@@ -157,7 +158,8 @@ class Batch:
     groups: dict[tuple[int, str], UserBatch]
     dlq: list[list[Any]]  # [key, record, delivered] per dead letter
     generation: int = 0  # the worker's revocation count when the batch started
-    applied_partitions: set[int] = field(default_factory=set)  # window script already applied them
+    # the window script's result per partition: a retry of the batch does not send those again
+    window_results: dict[int, tuple[ApplyResult, list[Window]]] = field(default_factory=dict)
     applied: int = 0
     skipped: int = 0  # re-delivered clicks (offset at or below the stored one)
     duplicates: int = 0  # clicks whose event id was applied already
@@ -364,35 +366,49 @@ class Worker:
         self.head(batch)
         self.tail(batch)
 
+    @staticmethod
+    def _by_partition(groups: Sequence[UserBatch]) -> dict[int, list[int]]:
+        """The groups' indices per partition: one script call each."""
+        by_part: dict[int, list[int]] = {}
+        for k, g in enumerate(groups):
+            by_part.setdefault(g.partition, []).append(k)
+        return by_part
+
     def _head(self, batch: Batch) -> None:
         self._resolve_items(batch)
         groups = batch.group_list
         if not groups:
             return
         with self._stage(batch, "window"):
-            by_part: dict[int, list[int]] = {}
-            for k, g in enumerate(groups):
-                by_part.setdefault(g.partition, []).append(k)
+            by_part = self._by_partition(groups)
+            shares = [
+                Share(
+                    part,
+                    batch.last[part],
+                    [
+                        UserClicks(
+                            groups[k].user_id,
+                            groups[k].offsets,
+                            groups[k].items,
+                            groups[k].event_ids,
+                            groups[k].times,
+                        )
+                        for k in ks
+                    ],
+                )
+                for part, ks in by_part.items()
+                if part not in batch.window_results  # a retry sends only the partitions still missing
+            ]
+            self.state.apply_batch(shares, batch.window_results)
             windows: list[Window | None] = [None] * len(groups)
             for part, ks in by_part.items():
-                users = [
-                    UserClicks(
-                        groups[k].user_id,
-                        groups[k].offsets,
-                        groups[k].items,
-                        groups[k].event_ids,
-                        groups[k].times,
-                    )
-                    for k in ks
-                ]
-                res, wins = self.state.apply(part, batch.last[part], users)
+                res, wins = batch.window_results[part]
                 batch.log_generation[part] = res.generation
-                if part not in batch.applied_partitions:  # a retry's second call applies nothing
-                    batch.applied_partitions.add(part)
-                    batch.applied += res.applied
-                    batch.duplicates += res.duplicates
                 for k, w in zip(ks, wins, strict=True):
                     windows[k] = w
+            results = [res for res, _ in batch.window_results.values()]
+            batch.applied = sum(r.applied for r in results)
+            batch.duplicates = sum(r.duplicates for r in results)
             batch.windows = [w for w in windows if w is not None]
             newest = max((max(w.items, default=0) for w in batch.windows), default=0)
             if newest >= len(self.live.space):  # another worker read the catalogue further than this one
@@ -415,18 +431,20 @@ class Worker:
         assert batch.interests is not None and batch.active is not None
         groups = batch.group_list
         with self._stage(batch, "kv_write"):
-            by_part: dict[int, list[int]] = {}
-            for k, g in enumerate(groups):
-                by_part.setdefault(g.partition, []).append(k)
-            for part, ks in by_part.items():
-                self.state.write_interests(
-                    part,
-                    [groups[k].user_id for k in ks],
-                    [self.fence_of(batch, groups[k]) for k in ks],
-                    batch.interests[ks],
-                    batch.active[ks],
-                    batch.model_version,
-                )
+            by_part = self._by_partition(groups)
+            self.state.write_interests_batch(
+                [
+                    InterestRows(
+                        part,
+                        [groups[k].user_id for k in ks],
+                        [self.fence_of(batch, groups[k]) for k in ks],
+                        batch.interests[ks],
+                        batch.active[ks],
+                    )
+                    for part, ks in by_part.items()
+                ],
+                batch.model_version,
+            )
 
     def _tail_stages(self, batch: Batch) -> None:
         s = self.settings

@@ -18,7 +18,7 @@ from redis.crc import key_slot
 from redis.retry import Retry
 
 from stream.embedded.redis import free_port
-from stream.state import UserClicks, Window, WindowState, fence
+from stream.state import InterestRows, Share, UserClicks, Window, WindowState, fence
 
 TOPIC = "clicks-state"
 
@@ -84,6 +84,52 @@ def test_a_bad_key_applies_nothing(state: WindowState, redis_db: Any) -> None:
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         state.apply(0, 9, [("ok", [8], [2]), ("broken", [9], [3])])
     assert state.read_windows([(0, "ok")]) == [[]] and state.offsets([0]) == {0: -1}
+
+
+def test_a_batch_applies_all_its_partitions_at_once_and_a_retry_sends_only_the_failed(
+    state: WindowState, redis_db: Any
+) -> None:
+    """apply_batch pipelines one script call per partition: the partitions that succeeded keep their
+    results (and their writes) when another fails, so the worker's retry sends only the failed one."""
+    redis_db.set(state.window_key(1, "broken"), "not a list")
+    shares = [
+        Share(0, 5, [("a", [4, 5], [2, 3])]),
+        Share(1, 7, [("broken", [7], [9])]),
+        Share(2, 3, [("b", [3], [4]), ("c", [2], [6])]),
+    ]
+    into: dict[int, tuple[Any, list[Window]]] = {}
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        state.apply_batch(shares, into)
+    assert sorted(into) == [0, 2]
+    assert into[0][0].applied == 2 and [w.items for w in into[0][1]] == [[2, 3]]
+    assert into[2][0].applied == 2 and [w.items for w in into[2][1]] == [[4], [6]]
+    assert state.offsets([0, 1, 2]) == {0: 5, 1: -1, 2: 3}
+    redis_db.delete(state.window_key(1, "broken"))
+    state.apply_batch([s for s in shares if s.partition not in into], into)
+    assert sorted(into) == [0, 1, 2] and into[1][0].applied == 1
+    assert state.read_windows([(0, "a"), (1, "broken"), (2, "b")]) == [[2, 3], [9], [4]]
+    # the same batch again applies nothing and returns the same windows, as one call per partition does
+    again: dict[int, tuple[Any, list[Window]]] = {}
+    state.apply_batch(shares, again)
+    assert {p: r.applied for p, (r, _) in again.items()} == {0: 0, 1: 0, 2: 0}
+    assert {p: w for p, (_, w) in again.items()} == {p: w for p, (_, w) in into.items()}
+
+
+def test_scripts_the_server_forgot_are_loaded_again(state: WindowState, redis_db: Any) -> None:
+    """A restarted or flushed server holds no scripts: the pipelined EVALSHA calls get NOSCRIPT, and the
+    scripts are loaded and the calls sent again."""
+    redis_db.script_flush()
+    into: dict[int, tuple[Any, list[Window]]] = {}
+    state.apply_batch([Share(0, 1, [("u", [1], [5])]), Share(3, 2, [("v", [2], [6])])], into)
+    assert {p: r.applied for p, (r, _) in into.items()} == {0: 1, 3: 1}
+    redis_db.script_flush()
+    vec = np.ones((1, 2, 3), np.float32)
+    active = np.array([[True, False]])
+    rows = [InterestRows(0, ["u"], [1], vec, active), InterestRows(3, ["v"], [2], vec, active)]
+    assert state.write_interests_batch(rows, "1", ts=1.0) == 2
+    assert state.write_interests_batch(rows, "1", ts=2.0) == 0  # the fences hold: nothing twice
+    got = state.read_interests(3, "v")
+    assert got is not None and got[0].shape == (1, 3) and got[3] == 2
 
 
 def test_reset_offset_starts_a_new_generation_whose_fences_order_after_the_old(state: WindowState) -> None:
