@@ -167,7 +167,6 @@ class Batch:
     interests: np.ndarray | None = None  # [B,K,d] after the triton stage
     active: np.ndarray | None = None  # [B,K]
     model_version: str = ""
-    log_generation: dict[int, int] = field(default_factory=dict)  # per partition, from the window script
     recalls: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     view: VersionView | None = None  # the served vocabulary's view: tower input to recall message, one only
@@ -351,7 +350,8 @@ class Worker:
     @staticmethod
     def fence_of(batch: Batch, g: UserBatch) -> int:
         """The fence of a user's refresh: its partition's log generation and its triggering click's offset."""
-        return fence(batch.log_generation.get(g.partition, 0), g.fence)
+        applied = batch.window_results.get(g.partition)
+        return fence(applied[0].generation if applied else 0, g.fence)
 
     def head(self, batch: Batch) -> None:
         """Window and Triton stages. Idempotent: a retry applies nothing twice and recomputes the rest."""
@@ -402,9 +402,7 @@ class Worker:
             self.state.apply_batch(shares, batch.window_results)
             windows: list[Window | None] = [None] * len(groups)
             for part, ks in by_part.items():
-                res, wins = batch.window_results[part]
-                batch.log_generation[part] = res.generation
-                for k, w in zip(ks, wins, strict=True):
+                for k, w in zip(ks, batch.window_results[part][1], strict=True):
                     windows[k] = w
             results = [res for res, _ in batch.window_results.values()]
             batch.applied = sum(r.applied for r in results)
