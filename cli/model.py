@@ -14,6 +14,7 @@ import typer
 
 from cli.options import (
     BATCH_,
+    BEHAVIOUR_DROPOUT_,
     BUDGET_,
     CKPT_,
     D_,
@@ -81,6 +82,7 @@ def train(
     recency: RECENCY_ = None,
     dynamic_k: DYNAMIC_K_ = None,
     dropout: DROPOUT_ = None,
+    behaviour_dropout: BEHAVIOUR_DROPOUT_ = None,
     temperature: TEMPERATURE_ = None,
     unknown_rate: Annotated[
         float,
@@ -141,6 +143,7 @@ def train(
             softmax=softmax,
             hard_beta=hard_beta,
             rr=rr,
+            behaviour_dropout=behaviour_dropout,
         )
         to.update(seed=seed, threads=threads, unknown_rate=unknown_rate)
         chosen, read = model_settings(inter, split, model, None if ignore_tuned else tuned_dir)
@@ -196,6 +199,7 @@ def evaluate(
     recency: RECENCY_ = None,
     dynamic_k: DYNAMIC_K_ = None,
     dropout: DROPOUT_ = None,
+    behaviour_dropout: BEHAVIOUR_DROPOUT_ = None,
     temperature: TEMPERATURE_ = None,
     seeds: Annotated[
         int,
@@ -258,6 +262,7 @@ def evaluate(
         softmax=softmax,
         hard_beta=hard_beta,
         rr=rr,
+        behaviour_dropout=behaviour_dropout,
     )
     report = run_offline(
         inter,

@@ -100,6 +100,16 @@ DROPOUT_ = Annotated[
     float | None,
     typer.Option("--dropout", envvar="MIND_DROPOUT", help="Dropout on the capsules in training; 0 = off."),
 ]
+BEHAVIOUR_DROPOUT_ = Annotated[
+    float | None,
+    typer.Option(
+        "--behaviour-dropout",
+        min=0.0,
+        max=0.9,
+        envvar="MIND_BEHAVIOUR_DROPOUT",
+        help="Share of a window's behaviours each training step drops (never the newest); 0 = off.",
+    ),
+]
 TEMPERATURE_ = Annotated[
     float | None,
     typer.Option(
@@ -217,6 +227,7 @@ def train_overrides(
     softmax: str | None,
     hard_beta: float | None,
     rr: float | None,
+    behaviour_dropout: float | None = None,
 ) -> dict[str, Any]:
     """The training flags a user gave (None = not given: the rules or the search decide)."""
     given = {
@@ -228,6 +239,7 @@ def train_overrides(
         "softmax": softmax,
         "hard_beta": hard_beta,
         "rr": rr,
+        "behaviour_dropout": behaviour_dropout,
     }
     return {k: v for k, v in given.items() if v is not None}
 

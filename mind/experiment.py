@@ -202,7 +202,7 @@ def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str
     Window candidates are percentiles of the TRAINING users' lengths; K >= 2 for MIND-K. Last, the levers
     that won somewhere in the ablation: hard negatives, cosine scoring and capsule dropout for every learned
     model (or, where one is the model's default, inner products or no dropout), the routing regulariser and
-    the covering routing init for MIND-K, or none of them.
+    the covering routing init and behaviour dropout for MIND-K, or none of them.
     """
     lengths = np.array([len(inter.sequences[u]) for u in split.train_users.tolist()])
     windows = sorted({int(min(50, max(10, np.percentile(lengths, q)))) for q in (75, 90, 97)})
@@ -221,7 +221,11 @@ def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str
         {"model": {"dropout": 0.0 if DEFAULTS[name]["model"].get("dropout") else 0.3}},
     ]
     if name == "mind":
-        levers += [{"train": {"rr": 100.0}}, {"model": {"routing_init": "cover"}}]
+        levers += [
+            {"train": {"rr": 100.0}},
+            {"model": {"routing_init": "cover"}},
+            {"train": {"behaviour_dropout": 0.4}},
+        ]
     space.append(("lever", levers))
     return space
 
@@ -369,6 +373,7 @@ LEVERS: list[Lever] = [
     Lever("train_max", "training on the max over interests", _flip("train_max", False, True, "", "model")),
     Lever("horizon", "label horizon", lambda s, c, t: _horizon(t)),
     Lever("dropout", "capsule dropout", _flip("dropout", 0.0, 0.3, "dropout:", "model")),
+    Lever("behaviour_dropout", "behaviour dropout", _flip("behaviour_dropout", 0.0, 0.4, "q:")),
     Lever("global", "global context u_g", _flip("global_context", False, True, "global context:", "model")),
 ]
 

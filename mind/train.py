@@ -55,6 +55,9 @@ class TrainConfig:
     # cold start: each step treats this share of the items as unknown (side ids only, the unknown item's id
     # embedding), so that the unknown item's embedding and the side ids learn what new items need; 0 = off
     unknown_rate: float = 0.0
+    # behaviour dropout: each step drops this share of a window's behaviours (never the newest) and closes
+    # the gaps, so the routing learns interests that survive a missing click; 0 = off
+    behaviour_dropout: float = 0.0
 
 
 @dataclass
@@ -317,6 +320,20 @@ def _validate(model: MIND, inter: Interactions, cases: list, d: Dist) -> dict:
     return {k: s / count if count else 0.0 for k, s in zip(keys, sums, strict=True)}
 
 
+def drop_behaviours(
+    ids: torch.Tensor, times: torch.Tensor | None, q: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop each behaviour with probability q, keep the newest, and close the gaps (windows stay
+    right-padded). ids [B,L], times [B,L] or None -> the same shapes."""
+    real = ids > 0  # [B,L]
+    keep = real & (torch.rand(ids.shape, device=ids.device) >= q)  # [B,L]
+    newest = (real.sum(-1) - 1).clamp(min=0)  # [B]
+    keep[torch.arange(len(ids), device=ids.device), newest] = real[torch.arange(len(ids)), newest]
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept first, in their order
+    out = torch.gather(ids * keep, 1, order)  # [B,L]
+    return out, (torch.gather(times * keep, 1, order) if times is not None else None)
+
+
 def train(
     model: MIND,
     inter: Interactions,
@@ -402,6 +419,9 @@ def train(
         for i in bar:
             idx = order[i : i + cfg.batch_size]
             ids, label, rows = H_t[idx], T_t[idx], U_t[idx]
+            times = Ts_t[idx] if Ts_t is not None else None
+            if cfg.behaviour_dropout > 0:
+                ids, times = drop_behaviours(ids, times, cfg.behaviour_dropout)
             if cfg.horizon > 1:
                 off = (torch.rand(len(idx), device=dev) * room[idx]).long()  # [b] in [0, room)
                 label = flat[first[idx] + off]
@@ -412,7 +432,7 @@ def train(
                 unknown[:2] = False
                 ids, label, neg = (torch.where(unknown[x], x + n_items, x) for x in (ids, label, neg))
             args = (ids, sides[0], prof_t[rows], label, sides[1], neg, sides[2], log_q)
-            kw = {**extra, "times": Ts_t[idx] if Ts_t is not None else None}
+            kw = {**extra, "times": times}
             loss = step(*args, **kw) if step is not None else model.loss(*args, **kw)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -12,6 +12,7 @@ from mind.split import comirec_split, train_sequences
 from mind.synthetic import generate
 from mind.train import (
     TrainConfig,
+    drop_behaviours,
     feature_tables,
     load_checkpoint,
     model_config_for,
@@ -114,3 +115,25 @@ def test_a_checkpoint_from_before_the_time_tables_loads_and_serves_the_same(plan
     args = (items, side_t[items], prof_t[:1])
     with torch.no_grad():
         assert torch.equal(model.eval()(*args)[0], loaded.eval()(*args)[0])
+
+
+def test_behaviour_dropout_keeps_the_newest_click_and_the_order():
+    """Each window loses about q of its behaviours, never its newest; what stays keeps its order and
+    its timestamps, right-padded as the tower expects."""
+    torch.manual_seed(0)
+    lengths = torch.randint(1, 21, (500,))
+    ids = torch.zeros(500, 20, dtype=torch.long)
+    for r, n in enumerate(lengths.tolist()):
+        ids[r, :n] = torch.randperm(1000)[:n] + 2
+    times = ids * 10
+    out, out_times = drop_behaviours(ids, times, 0.4)
+    assert torch.equal(out_times, out * 10)
+    kept = out > 0
+    assert torch.equal(kept, kept.cummin(dim=1).values)  # right-padded: no gap before a kept click
+    for r, n in enumerate(lengths.tolist()):
+        row = out[r][kept[r]].tolist()
+        src = ids[r, :n].tolist()
+        assert row[-1] == src[-1]  # the newest survives
+        assert row == [x for x in src if x in set(row)]  # a subsequence, in order
+    dropped = 1 - kept.sum() / (ids > 0).sum()
+    assert 0.3 < float(dropped) < 0.4  # q of the older clicks; the newest is never dropped
