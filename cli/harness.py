@@ -175,13 +175,25 @@ def bench_pipeline(
     asap_clicks: Annotated[int, typer.Option(min=0, help="Clicks of the as-fast-as-possible run.")] = 20_000,
     users: Annotated[int, typer.Option(min=1, help="Distinct users clicking.")] = 2000,
     items: Annotated[int, typer.Option(min=3, help="Catalogue size of the random-init model.")] = 12_103,
+    partitions: Annotated[
+        int | None, typer.Option(min=1, help="Partitions of the clicks topic (default: the settings').")
+    ] = None,
+    recall_partitions: Annotated[
+        int | None, typer.Option(min=1, help="Partitions of the recall topic (default: the settings').")
+    ] = None,
 ) -> None:
     """End-to-end latency and throughput, the worker as its own process, beside the in-process reference."""
     with harness_extra():
         from harness.bench_pipeline import PipelineSizes, run, table
     setup_logging(False)
     sizes = PipelineSizes(
-        loads=_ints(loads), seconds=seconds, asap_clicks=asap_clicks, users=users, n_items=items
+        loads=_ints(loads),
+        seconds=seconds,
+        asap_clicks=asap_clicks,
+        users=users,
+        n_items=items,
+        partitions=partitions,
+        recall_partitions=recall_partitions,
     )
     run_on_stack(out, lambda: run(out, checkpoint, data, sizes, log=typer.echo), table)
 

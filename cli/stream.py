@@ -414,6 +414,14 @@ def topics_cmd(
         int | None,
         typer.Option("--partitions", min=1, help="Partitions of clicks and recall (MIND_PARTITIONS)."),
     ] = None,
+    recall_partitions: Annotated[
+        int | None,
+        typer.Option(
+            "--recall-partitions",
+            min=1,
+            help="Partitions of recall when not --partitions (MIND_RECALL_PARTITIONS).",
+        ),
+    ] = None,
     replication: Annotated[
         int | None, typer.Option("--replication", min=1, help="Replication factor (MIND_REPLICATION).")
     ] = None,
@@ -433,7 +441,12 @@ def topics_cmd(
     """
 
     settings = settings_from(
-        config, run_dir, kafka_bootstrap=bootstrap, partitions=partitions, replication=replication
+        config,
+        run_dir,
+        kafka_bootstrap=bootstrap,
+        partitions=partitions,
+        recall_partitions=recall_partitions,
+        replication=replication,
     )
     if not settings.kafka_bootstrap:
         raise fail("no broker: start one with `mind up`, or pass --bootstrap / MIND_KAFKA_BOOTSTRAP", 3)

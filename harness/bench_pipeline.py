@@ -75,6 +75,8 @@ class PipelineSizes:
     n_items: int = BEAUTY["n_items"]  # random-init model only
     publisher_linger_ms: int = 1  # the load generator's linger.ms: a web backend batching its sends a little
     drain_timeout_s: float = 180.0  # per run: the longest wait for the last recall
+    partitions: int | None = None  # clicks topic; None = the settings' (MIND_PARTITIONS, default 4)
+    recall_partitions: int | None = None  # recall topic; None = the settings' (MIND_RECALL_PARTITIONS)
 
 
 # ---- the model -----------------------------------------------------------------------------------------
@@ -365,8 +367,14 @@ def run(
         log(f"model {source}")
         ports = {f"embedded_{k}_port": 0 for k in ("kafka", "redis", "triton_grpc", "triton_http")}
         ports.update(embedded_triton_metrics_port=0, embedded_milvus_port=0)
+        layout = {"partitions": sizes.partitions, "recall_partitions": sizes.recall_partitions}
         settings = load_settings(
-            None, metrics_port=0, log_level="WARNING", window_len=model.cfg.max_len, **ports
+            None,
+            metrics_port=0,
+            log_level="WARNING",
+            window_len=model.cfg.max_len,
+            **ports,
+            **{k: v for k, v in layout.items() if v is not None},
         )
         loads: dict[str, Any] = {}
         lat: dict[str, list[float]] = {}
@@ -420,6 +428,7 @@ def run(
                 "batch_timeout_ms",
                 "fetch_wait_max_ms",
                 "partitions",
+                "recall_partitions",
                 "producer_linger_ms",
                 "event_id_memory",
             )

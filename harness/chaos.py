@@ -394,7 +394,7 @@ class RecallReader:
             )
         )
         c.assign(
-            [TopicPartition(s.recall_topic, p, OFFSET_BEGINNING) for p in range(s.partitions)]
+            [TopicPartition(s.recall_topic, p, OFFSET_BEGINNING) for p in range(s.recall_partition_count)]
             + [TopicPartition(s.dlq_topic, p, OFFSET_BEGINNING) for p in range(s.dlq_partitions)]
         )
         return c

@@ -331,7 +331,7 @@ class LoadRun:
         # once scanning a partition's batches takes longer than the wait (docs/load.md)
         self._reader = Consumer(kafka_config(s, "consumer", **{"group.id": f"{self.tag}-reader"}))
         self._reader.assign(
-            [TopicPartition(s.recall_topic, p, OFFSET_BEGINNING) for p in range(s.partitions)]
+            [TopicPartition(s.recall_topic, p, OFFSET_BEGINNING) for p in range(s.recall_partition_count)]
             + [TopicPartition(s.dlq_topic, p, OFFSET_BEGINNING) for p in range(s.dlq_partitions)]
         )
         self._group = Consumer(kafka_config(s, "consumer"))  # never subscribes: reads committed offsets

@@ -113,7 +113,14 @@ class Settings(BaseSettings):
     clicks_topic: str = "clicks"
     recall_topic: str = "recall"
     dlq_topic: str = "clicks.dlq"
-    partitions: int = Field(4, ge=1, description="Partitions of clicks and recall (DLQ: dlq_partitions).")
+    partitions: int = Field(
+        4, ge=1, description="Partitions of clicks, and of recall unless recall_partitions."
+    )
+    recall_partitions: int | None = Field(
+        None,
+        ge=1,
+        description="Partitions of recall; None = as many as clicks. Its readers scale by them.",
+    )
     dlq_partitions: int = Field(1, ge=1)
     replication: int = Field(1, ge=1, description="Replication factor; 3 on a production cluster.")
     clicks_retention_ms: int | None = Field(None, description="None = the broker's default.")
@@ -309,6 +316,11 @@ class Settings(BaseSettings):
                 "fields, which are hidden from logs"
             )
         return v
+
+    @property
+    def recall_partition_count(self) -> int:
+        """The recall topic's partitions: recall_partitions, else as many as clicks."""
+        return self.recall_partitions or self.partitions
 
     def embedded(self) -> tuple[str, ...]:
         """The services with no address configured, which `mind up` starts locally."""

@@ -28,14 +28,18 @@ class TopicSpec:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """What the settings ask for: clicks (N partitions), recall (same N, compacted), the DLQ."""
+    """What the settings ask for: clicks (N partitions), recall (recall_partitions, else N; compacted), the
+    DLQ and the catalogue."""
     clicks_cfg = (
         {} if settings.clicks_retention_ms is None else {"retention.ms": str(settings.clicks_retention_ms)}
     )
     return [
         TopicSpec(settings.clicks_topic, settings.partitions, settings.replication, clicks_cfg),
         TopicSpec(
-            settings.recall_topic, settings.partitions, settings.replication, {"cleanup.policy": "compact"}
+            settings.recall_topic,
+            settings.recall_partition_count,
+            settings.replication,
+            {"cleanup.policy": "compact"},
         ),
         TopicSpec(
             settings.dlq_topic,

@@ -65,7 +65,7 @@ Faust over Tansu (aiokafka), found by running it:
 - faust creates its internal topics itself (`<id>-__assignor-__leader`, the changelog); Tansu accepts
   those CreateTopics requests, no auto-creation needed;
 - a table's changelog must have as many partitions as its source topic, so topic_partitions is read
-  from the broker's metadata for `recall` (created with settings.partitions when missing);
+  from the broker's metadata for `recall` (created with settings.recall_partitions when missing);
 - web_bind defaults to 0.0.0.0 in faust and its built-in /table and /router pages dump table contents:
   the app binds 127.0.0.1 and turns those pages off.
 
@@ -380,7 +380,7 @@ def recall_partitions(settings: Settings, ensure: bool = True, timeout_s: float 
             log.warning("could not check/create topics (%s)", exc)
     meta = admin.list_topics(settings.recall_topic, timeout=timeout_s).topics.get(settings.recall_topic)
     if meta is None or meta.error is not None or not meta.partitions:
-        return settings.partitions
+        return settings.recall_partition_count
     return len(meta.partitions)
 
 

@@ -195,7 +195,10 @@ def replay(
         kafka_config(settings, "consumer", **{"group.id": f"replay-{tag}", "fetch.wait.max.ms": 5})
     )
     consumer.assign(
-        [TopicPartition(settings.recall_topic, p, OFFSET_BEGINNING) for p in range(settings.partitions)]
+        [
+            TopicPartition(settings.recall_topic, p, OFFSET_BEGINNING)
+            for p in range(settings.recall_partition_count)
+        ]
         + [TopicPartition(settings.dlq_topic, p, OFFSET_BEGINNING) for p in range(settings.dlq_partitions)]
     )
     producer = Producer(kafka_config(settings, "producer"))

@@ -75,6 +75,18 @@ def test_existing_topic_with_other_layout_is_reported_not_altered(
 def test_specs_follow_settings() -> None:
     s = Settings(clicks_topic="c", recall_topic="r", dlq_topic="d", partitions=8, replication=3)
     specs = {t.name: t for t in topic_specs(s)}
-    assert specs["c"].partitions == 8 and specs["r"].replication == 3
+    assert specs["c"].partitions == 8 and specs["r"].partitions == 8 and specs["r"].replication == 3
     assert specs["r"].config == {"cleanup.policy": "compact"} and specs["c"].config == {}
     assert specs["d"].config["retention.ms"] == str(30 * 24 * 3600 * 1000)
+    own = {t.name: t for t in topic_specs(s.model_copy(update={"recall_partitions": 2}))}
+    assert (own["c"].partitions, own["r"].partitions) == (8, 2)
+
+
+def test_recall_can_have_its_own_partition_count(kafka_bootstrap: str, uid: str) -> None:
+    s = _settings(uid, kafka_bootstrap, partitions=6, recall_partitions=2)
+    admin = AdminClient(kafka_config(s, "admin"))
+    states = ensure_topics(admin, s)
+    assert (states[s.clicks_topic].partitions, states[s.recall_topic].partitions) == (6, 2)
+    md = admin.list_topics(timeout=10).topics
+    assert len(md[s.clicks_topic].partitions) == 6 and len(md[s.recall_topic].partitions) == 2
+    assert not any(st.mismatches for st in ensure_topics(admin, s).values())
