@@ -419,7 +419,7 @@ def topics_cmd(
         typer.Option(
             "--recall-partitions",
             min=1,
-            help="Partitions of recall when not --partitions (MIND_RECALL_PARTITIONS).",
+            help="Partitions of recall, when they differ from --partitions (MIND_RECALL_PARTITIONS).",
         ),
     ] = None,
     replication: Annotated[

@@ -327,8 +327,8 @@ def drop_behaviours(
     right-padded). ids [B,L], times [B,L] or None -> the same shapes."""
     real = ids > 0  # [B,L]
     keep = real & (torch.rand(ids.shape, device=ids.device) >= q)  # [B,L]
-    newest = (real.sum(-1) - 1).clamp(min=0)  # [B]
-    keep[torch.arange(len(ids), device=ids.device), newest] = real[torch.arange(len(ids)), newest]
+    rows, newest = torch.arange(len(ids), device=ids.device), (real.sum(-1) - 1).clamp(min=0)  # [B], [B]
+    keep[rows, newest] = real[rows, newest]
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept first, in their order
     out = torch.gather(ids * keep, 1, order)  # [B,L]
     return out, (torch.gather(times * keep, 1, order) if times is not None else None)
