@@ -20,7 +20,8 @@ ran. It goes through seven stages in two halves:
   5. recall     ONE batched ANN search for every active interest, merged per user
   6. produce    dead letters, then one recall message per refreshed user (idempotent producer), flush,
                 check every delivery report
-  7. commit     back on the loop's thread: the consumed offsets, synchronously, only after 6 succeeded
+  7. commit     back on the loop's thread: the consumed offsets, only after 6 succeeded; without waiting
+                in steady state, synchronously (again) on a rebalance and at shutdown
 
 Why the overlap keeps the guarantees (stream/README.md has the long form):
 - per-user order: heads run one at a time in batch order, and so do tails (a tail starts only after the
@@ -232,6 +233,7 @@ class Worker:
         self._lag_at = 0.0
         self._progress: dict[tuple[str, int], tuple[int, float]] = {}  # (position, since) per partition
         self._committed_at_assign: dict[tuple[str, int], int] = {}  # where a new owner starts reading
+        self._unconfirmed: dict[tuple[str, int], int] = {}  # committed without waiting, not yet confirmed
         self._stalled: set[tuple[str, int]] = set()
         self._tails = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-tail")
         self._kv = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-kv")
@@ -522,14 +524,23 @@ class Worker:
 
     # ---- the consumer loop --------------------------------------------------------------------------
 
-    def commit(self, offsets: dict[tuple[str, int], int], batch: Batch | None = None) -> bool:
-        """Synchronous commit of explicit offsets. A refusal (rebalance) is logged, not fatal: the next
-        owner re-reads those messages and the offset check skips what was applied."""
+    def commit(
+        self, offsets: dict[tuple[str, int], int], batch: Batch | None = None, *, wait: bool = True
+    ) -> bool:
+        """Commit explicit offsets. A refusal (rebalance) is logged, not fatal: the next owner re-reads
+        those messages and the offset check skips what was applied. `wait=False` sends the commit and goes
+        on (its outcome reaches `report_commit`); the offsets are kept until `confirm_commits` commits
+        them again synchronously, on a rebalance and at shutdown."""
         assert self.consumer is not None
         tps = [TopicPartition(t, p, off) for (t, p), off in sorted(offsets.items())]
         t0 = time.perf_counter()
         try:
-            res = self.consumer.commit(offsets=tps, asynchronous=False) or []
+            if wait:
+                res = self.consumer.commit(offsets=tps, asynchronous=False) or []
+            else:
+                self.consumer.commit(offsets=tps, asynchronous=True)
+                self._unconfirmed.update(offsets)
+                res = []
             failed = [tp for tp in res if tp.error is not None]
         except KafkaException as exc:
             failed = tps
@@ -544,6 +555,16 @@ class Worker:
             metrics.COMMIT_FAILURES.inc()
             log.warning("commit refused", partitions=[(tp.partition, str(tp.error)) for tp in failed])
         return not failed
+
+    def confirm_commits(self, partitions: Sequence[TopicPartition] | None = None) -> None:
+        """Commit again, synchronously, what was committed asynchronously (of `partitions`, or all), so that
+        partitions leave with their offsets on the broker and not merely in flight."""
+        keep = None if partitions is None else {(tp.topic, tp.partition) for tp in partitions}
+        offsets = {tp: off for tp, off in self._unconfirmed.items() if keep is None or tp in keep}
+        for tp in offsets:
+            del self._unconfirmed[tp]
+        if offsets:
+            self.commit(offsets)
 
     def _revoked(self, batch: Batch) -> bool:
         """True when a rebalance took partitions away since the batch started."""
@@ -650,7 +671,9 @@ class Worker:
         if self._revoked(batch):  # the new owner re-reads it; the offset check makes that safe
             metrics.BATCHES.labels("uncommitted").inc()
             return
-        self.commit(batch.commit, batch)
+        # in steady state the commit goes out without waiting (the next batch's tail is waiting for it);
+        # inside a rebalance callback, and once stopping, it waits
+        self.commit(batch.commit, batch, wait=self._in_callback or self._stop.is_set())
         metrics.BATCHES.labels("ok").inc()
         self.last_batch = batch
         log.debug(
@@ -743,6 +766,7 @@ class Worker:
             log.warning("tail not finished before the rebalance", error=str(exc)[:300])
         finally:
             self._in_callback = False
+        self.confirm_commits(partitions)
         self._revocations += 1
         self.owned = self.owned - {tp.partition for tp in partitions}
         log.info("partitions revoked", partitions=sorted(tp.partition for tp in partitions))
@@ -881,6 +905,7 @@ class Worker:
         finally:
             try:
                 self._finish_tail()
+                self.confirm_commits()
             finally:
                 self._tails.shutdown(wait=True)
                 self._kv.shutdown(wait=True)
@@ -893,6 +918,19 @@ class Worker:
                     if left == 0:  # close() flushes without a time limit: only once nothing is pending
                         self.producer.close()
                     log.info("worker stopped", undelivered=left)
+
+
+def report_commit(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+    """The outcome of an asynchronous commit, served by the consumer's poll. A refused one only moves the
+    committed offset less far: the next owner re-reads those clicks and the offset check skips them."""
+    failed = [tp for tp in partitions if tp.error is not None]
+    if err is not None or failed:
+        metrics.COMMIT_FAILURES.inc()
+        log.warning(
+            "commit refused",
+            error=str(err) if err is not None else None,
+            partitions=[(tp.partition, str(tp.error)) for tp in failed],
+        )
 
 
 def check_tower_fit(settings: Settings, catalog: Catalog, tower: TritonTower) -> int:
@@ -1036,7 +1074,9 @@ def build_worker(
     except Exception as exc:  # noqa: BLE001 - may be forbidden on a production cluster; topics may exist
         log.warning("could not ensure topics", error=str(exc)[:300])
     producer_conf = kafka_config(settings, "producer", bootstrap=addr["kafka"])
-    consumer = Consumer(kafka_config(settings, "consumer", bootstrap=addr["kafka"]))
+    consumer = Consumer(
+        {**kafka_config(settings, "consumer", bootstrap=addr["kafka"]), "on_commit": report_commit}
+    )
     return worker_type(
         settings,
         live,
