@@ -120,11 +120,14 @@ def rule_settings(inter: Interactions, split: Split, name: str) -> Settings:
 # with K interests it fits the training users faster than a one-vector model and overfits small data sets;
 # beside cosine, dropout lifted its validation recall@50 on all three. A one-vector model has no merge (a
 # user vector's norm does not change its ranking), and cosine and dropout were mixed or worse for it, so it
-# keeps the paper's inner products and no dropout.
+# keeps the paper's inner products and no dropout. MIND-K also drops 40 % of a training window's behaviours
+# (never the newest): the routing learns interests that survive a missing click, and over 2-5 seeds per set
+# it lifted MIND-K's validation recall@50 on all three (Beauty +1.0 %, MovieLens-100K +3.9 %, LastFM +0.8 %);
+# it did nothing for the one-vector models.
 DEFAULTS: dict[str, dict[str, dict]] = {
     "youtube_dnn": {"model": {}, "train": {}},
     "mind_1": {"model": {}, "train": {}},
-    "mind": {"model": {"temperature": 0.1, "dropout": 0.3}, "train": {}},
+    "mind": {"model": {"temperature": 0.1, "dropout": 0.3}, "train": {"behaviour_dropout": 0.4}},
 }
 
 
@@ -221,10 +224,11 @@ def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str
         {"model": {"dropout": 0.0 if DEFAULTS[name]["model"].get("dropout") else 0.3}},
     ]
     if name == "mind":
+        dropping = DEFAULTS[name]["train"].get("behaviour_dropout")
         levers += [
             {"train": {"rr": 100.0}},
             {"model": {"routing_init": "cover"}},
-            {"train": {"behaviour_dropout": 0.4}},
+            {"train": {"behaviour_dropout": 0.0 if dropping else 0.4}},
         ]
     space.append(("lever", levers))
     return space
