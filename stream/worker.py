@@ -529,32 +529,33 @@ class Worker:
     ) -> bool:
         """Commit explicit offsets. A refusal (rebalance) is logged, not fatal: the next owner re-reads
         those messages and the offset check skips what was applied. `wait=False` sends the commit and goes
-        on (its outcome reaches `report_commit`); the offsets are kept until `confirm_commits` commits
-        them again synchronously, on a rebalance and at shutdown."""
+        on (its outcome reaches `report_commit`); the offsets are kept until a synchronous commit of the
+        same partitions (the rebalance's or shutdown's tail, or `confirm_commits`) supersedes them."""
         assert self.consumer is not None
         tps = [TopicPartition(t, p, off) for (t, p), off in sorted(offsets.items())]
         t0 = time.perf_counter()
+        error: KafkaError | None = None
         try:
             if wait:
                 res = self.consumer.commit(offsets=tps, asynchronous=False) or []
             else:
                 self.consumer.commit(offsets=tps, asynchronous=True)
-                self._unconfirmed.update(offsets)
                 res = []
-            failed = [tp for tp in res if tp.error is not None]
         except KafkaException as exc:
-            failed = tps
+            error, res = exc.args[0], tps
             log.warning(
                 "commit failed", error=str(exc), offsets={f"{t}:{p}": o for (t, p), o in offsets.items()}
             )
+        if wait:  # commits go out in order: this one supersedes the earlier, asynchronous ones
+            for tp in offsets:
+                self._unconfirmed.pop(tp, None)
+        elif error is None:
+            self._unconfirmed.update(offsets)
         dt = time.perf_counter() - t0
         metrics.STAGE_LATENCY.labels("commit").observe(dt)
         if batch is not None:
             batch.timings["commit"] = dt
-        if failed:
-            metrics.COMMIT_FAILURES.inc()
-            log.warning("commit refused", partitions=[(tp.partition, str(tp.error)) for tp in failed])
-        return not failed
+        return report_commit(error, res)
 
     def confirm_commits(self, partitions: Sequence[TopicPartition] | None = None) -> None:
         """Commit again, synchronously, what was committed asynchronously (of `partitions`, or all), so that
@@ -920,17 +921,20 @@ class Worker:
                     log.info("worker stopped", undelivered=left)
 
 
-def report_commit(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-    """The outcome of an asynchronous commit, served by the consumer's poll. A refused one only moves the
-    committed offset less far: the next owner re-reads those clicks and the offset check skips them."""
+def report_commit(err: KafkaError | None, partitions: list[TopicPartition]) -> bool:
+    """Count and log a refused commit; True when it went through. Also the consumer's `on_commit` callback,
+    so asynchronous commits report here from its poll. A refused one only moves the committed offset less
+    far: the next owner re-reads those clicks and the offset check skips them."""
     failed = [tp for tp in partitions if tp.error is not None]
-    if err is not None or failed:
-        metrics.COMMIT_FAILURES.inc()
-        log.warning(
-            "commit refused",
-            error=str(err) if err is not None else None,
-            partitions=[(tp.partition, str(tp.error)) for tp in failed],
-        )
+    if err is None and not failed:
+        return True
+    metrics.COMMIT_FAILURES.inc()
+    log.warning(
+        "commit refused",
+        error=str(err) if err is not None else None,
+        partitions=[(tp.partition, str(tp.error)) for tp in failed],
+    )
+    return False
 
 
 def check_tower_fit(settings: Settings, catalog: Catalog, tower: TritonTower) -> int:
