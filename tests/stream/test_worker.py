@@ -35,6 +35,7 @@ from workerkit import (
     Running,
     all_committed,
     check_windows,
+    committed,
     covers,
     make_clicks,
     metric,
@@ -229,6 +230,40 @@ def test_dependency_failure_pauses_retries_and_commits_only_after_success(
     assert metric("mind_worker_paused") == 0
     check_windows(s, log)
     all_committed(s, log)
+
+
+def test_a_synchronous_commit_supersedes_the_pending_asynchronous_ones(
+    worker_model: Any, kafka_bootstrap: str, redis_url: str, uid: str
+) -> None:
+    """Steady-state commits go out without waiting; a rebalance or shutdown commits again and waits. A
+    confirmation must never send an older offset after a newer synchronous commit of the same partition:
+    the committed offset would move back and the next owner would re-read applied clicks."""
+    wm = worker_model
+    s = wm.settings(kafka_bootstrap, redis_url, uid)
+    setup_topics(s)
+    clicks = make_clicks(wm, uid, [str(u) for u in range(8)], per_user=4, seed=7)
+    where = publish(kafka_bootstrap, s.clicks_topic, [(c.user_id, dump_click(c)) for c in clicks])
+    ends: dict[int, int] = {}
+    for p, off in where:
+        ends[p] = max(ends.get(p, 0), off + 1)
+    first, second = sorted(ends)[:2]
+    w = Running(s, wm).worker  # its consumer, in the worker's group; the loop is not started
+    t = s.clicks_topic
+    try:
+        assert w.commit({(t, first): 1, (t, second): 1}, wait=False)
+        assert w.commit({(t, first): ends[first]}, wait=True)  # the tail's commit at a rebalance
+        w.confirm_commits()  # re-commits only what no synchronous commit superseded: `second`
+        assert committed(s)[first] == ends[first]
+        assert committed(s)[second] == 1
+        assert w.commit({(t, second): ends[second]}, wait=False)
+        w.confirm_commits()
+        assert committed(s)[second] == ends[second]
+        w.confirm_commits()  # nothing is left to confirm: both partitions keep their offsets
+        assert [committed(s)[p] for p in (first, second)] == [ends[first], ends[second]]
+    finally:
+        assert w.consumer is not None
+        w.consumer.close()
+        w.producer.close()
 
 
 def test_two_workers_and_a_rebalance_lose_nothing(
