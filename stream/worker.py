@@ -562,10 +562,8 @@ class Worker:
         partitions leave with their offsets on the broker and not merely in flight."""
         keep = None if partitions is None else {(tp.topic, tp.partition) for tp in partitions}
         offsets = {tp: off for tp, off in self._unconfirmed.items() if keep is None or tp in keep}
-        for tp in offsets:
-            del self._unconfirmed[tp]
         if offsets:
-            self.commit(offsets)
+            self.commit(offsets)  # synchronous: it drops what it confirms from _unconfirmed
 
     def _revoked(self, batch: Batch) -> bool:
         """True when a rebalance took partitions away since the batch started."""
