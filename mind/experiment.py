@@ -204,8 +204,8 @@ def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str
 
     Window candidates are percentiles of the TRAINING users' lengths; K >= 2 for MIND-K. Last, the levers
     that won somewhere in the ablation: hard negatives, cosine scoring and capsule dropout for every learned
-    model (or, where one is the model's default, inner products or no dropout), the routing regulariser and
-    the covering routing init and behaviour dropout for MIND-K, or none of them.
+    model (or, where one is the model's default, inner products or no dropout), the routing regulariser,
+    the covering routing init, behaviour dropout and recency ranks for MIND-K, or none of them.
     """
     lengths = np.array([len(inter.sequences[u]) for u in split.train_users.tolist()])
     windows = sorted({int(min(50, max(10, np.percentile(lengths, q)))) for q in (75, 90, 97)})
@@ -229,6 +229,7 @@ def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str
             {"train": {"rr": 100.0}},
             {"model": {"routing_init": "cover"}},
             {"train": {"behaviour_dropout": 0.0 if dropping else 0.4}},
+            {"model": {"recency": 16}},
         ]
     space.append(("lever", levers))
     return space

@@ -224,6 +224,7 @@ def test_mind_k_ranks_by_cosine_and_drops_capsules_by_default_and_one_vector_mod
     levers = dict(experiment.search_space(inter, split, "mind"))["lever"]
     assert {"model": {"temperature": 0.0}} in levers  # --tune can still pick the paper's model for MIND-K
     assert {"model": {"dropout": 0.0}} in levers
+    assert {"model": {"recency": 16}} in levers  # lifted MIND-K on LastFM only: a choice, not a default
     assert {"model": {"dropout": 0.3}} in dict(experiment.search_space(inter, split, "mind_1"))["lever"]
 
 

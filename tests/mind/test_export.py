@@ -114,7 +114,7 @@ def test_triton_equals_torch(triton, name):
     assert client.meta("1").model_version == f"{name}-1"
 
 
-def _mind(time_buckets: int) -> torch.nn.Module:
+def _mind(time_buckets: int, recency: int = 0) -> torch.nn.Module:
     from mind.model import MIND, MINDConfig
 
     torch.manual_seed(0)
@@ -127,10 +127,12 @@ def _mind(time_buckets: int) -> torch.nn.Module:
         K=K,
         max_len=L,
         time_buckets=time_buckets,
+        recency=recency,
     )
     model = MIND(cfg).eval()
     with torch.no_grad():
         model.time_emb.weight.normal_()  # as if trained: time changes the interests
+        model.recency_emb.weight[1:].normal_()  # and so does each behaviour's rank from the newest
     return model
 
 
@@ -153,10 +155,11 @@ def test_meta_says_whether_the_tower_reads_time(tmp_path):
 
 @pytest.mark.slow
 def test_triton_passes_times_to_a_time_aware_tower(triton):
-    """TIMES reaches the tower: Triton equals torch with the times; without TIMES, torch on zero times."""
+    """TIMES reaches the tower: Triton equals torch with the times; without TIMES, torch on zero times.
+    The tower also reads recency ranks, which it derives from the padded window alone."""
     import tritonclient.grpc as grpcclient
 
-    tower = _mind(32)
+    tower = _mind(32, recency=16)
     export(tower, triton.repo, "mind_time", "mt-1", n_side=S, side_vocab=7, profile_vocab=5)
     client = TritonTower(triton.server.grpc_url, "mind_time")
     client.load()
