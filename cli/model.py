@@ -28,6 +28,7 @@ from cli.options import (
     K_,
     LEN_,
     LR_,
+    MERGE_DECAY_,
     MODEL_NAME_,
     NEG_,
     P_,
@@ -84,6 +85,7 @@ def train(
     dropout: DROPOUT_ = None,
     behaviour_dropout: BEHAVIOUR_DROPOUT_ = None,
     temperature: TEMPERATURE_ = None,
+    merge_decay: MERGE_DECAY_ = None,
     unknown_rate: Annotated[
         float,
         typer.Option(
@@ -133,6 +135,7 @@ def train(
             dynamic_k=dynamic_k,
             dropout=dropout,
             temperature=temperature,
+            merge_decay=merge_decay,
         )
         to = train_overrides(
             epochs=epochs,
@@ -201,6 +204,7 @@ def evaluate(
     dropout: DROPOUT_ = None,
     behaviour_dropout: BEHAVIOUR_DROPOUT_ = None,
     temperature: TEMPERATURE_ = None,
+    merge_decay: MERGE_DECAY_ = None,
     seeds: Annotated[
         int,
         typer.Option(
@@ -252,6 +256,7 @@ def evaluate(
         dynamic_k=dynamic_k,
         dropout=dropout,
         temperature=temperature,
+        merge_decay=merge_decay,
     )
     to = train_overrides(
         epochs=epochs,

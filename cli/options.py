@@ -119,6 +119,17 @@ TEMPERATURE_ = Annotated[
         help="> 0: cosine / temperature; 0 = dot. Default: 0.1 for MIND-K, 0 for one-vector models.",
     ),
 ]
+MERGE_DECAY_ = Annotated[
+    float | None,
+    typer.Option(
+        "--merge-decay",
+        min=0.0,
+        max=1.0,
+        envvar="MIND_MERGE_DECAY",
+        help="Served interest j scores x decay^j in the max-merge (interest 0 is seeded on the newest "
+        "click); 1 = plain max.",
+    ),
+]
 THREADS_ = Annotated[
     int, typer.Option("--threads", envvar="MIND_THREADS", help="Torch threads (0 = default).")
 ]
@@ -199,6 +210,7 @@ def model_overrides(
     dynamic_k: bool | None = None,
     dropout: float | None = None,
     temperature: float | None = None,
+    merge_decay: float | None = None,
 ) -> dict[str, Any]:
     """The model flags a user gave (None = not given: the data-driven default stands)."""
     given = {
@@ -214,6 +226,7 @@ def model_overrides(
         "dynamic_k": dynamic_k,
         "dropout": dropout,
         "temperature": temperature,
+        "merge_decay": merge_decay,
     }
     return {k: v for k, v in given.items() if v is not None}
 

@@ -205,7 +205,8 @@ def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str
     Window candidates are percentiles of the TRAINING users' lengths; K >= 2 for MIND-K. Last, the levers
     that won somewhere in the ablation: hard negatives, cosine scoring and capsule dropout for every learned
     model (or, where one is the model's default, inner products or no dropout), the routing regulariser,
-    the covering routing init, behaviour dropout and recency ranks for MIND-K, or none of them.
+    the covering routing init, behaviour dropout, recency ranks and the merge's lean to the newest interest
+    for MIND-K, or none of them.
     """
     lengths = np.array([len(inter.sequences[u]) for u in split.train_users.tolist()])
     windows = sorted({int(min(50, max(10, np.percentile(lengths, q)))) for q in (75, 90, 97)})
@@ -230,6 +231,7 @@ def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str
             {"model": {"routing_init": "cover"}},
             {"train": {"behaviour_dropout": 0.0 if dropping else 0.4}},
             {"model": {"recency": 16}},
+            {"model": {"merge_decay": 0.9}},
         ]
     space.append(("lever", levers))
     return space
@@ -379,6 +381,7 @@ LEVERS: list[Lever] = [
     Lever("horizon", "label horizon", lambda s, c, t: _horizon(t)),
     Lever("dropout", "capsule dropout", _flip("dropout", 0.0, 0.3, "dropout:", "model")),
     Lever("behaviour_dropout", "behaviour dropout", _flip("behaviour_dropout", 0.0, 0.4, "q:")),
+    Lever("merge_decay", "merge leaning to interest 0", _flip("merge_decay", 1.0, 0.9, "decay:", "model")),
     Lever("global", "global context u_g", _flip("global_context", False, True, "global context:", "model")),
 ]
 

@@ -70,6 +70,8 @@ class MINDConfig:
     dropout: float = 0.0  # dropout on the capsules before the ReLU layers (training only)
     temperature: float = 0.0  # > 0: unit-length item and interest vectors (cosine), logits / temperature;
     # every interest then competes on the same scale in the max-merge (Eq. 3); 0 = raw inner products
+    merge_decay: float = 1.0  # served interest j is scaled by merge_decay^j: the max-merge (Eq. 3) leans to
+    # the interest seeded on the newest click over later seeds (often outliers); 1 = the paper's plain max
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,6 +222,9 @@ class MIND(nn.Module):
         # fixed routing init for inference: serving must be deterministic per model version
         g = torch.Generator().manual_seed(cfg.init_seed)
         self.register_buffer("b_init", torch.randn(L, K, generator=g) * cfg.sigma)  # [L,K]
+        # [K] merge_decay^j: not a weight, so not saved (older checkpoints load unchanged)
+        slot_weight = cfg.merge_decay ** torch.arange(K, dtype=torch.float32)  # [K]
+        self.register_buffer("slot_weight", slot_weight, persistent=False)
         # 3. ReLU layers over [capsule; profile] (+ the interest's time vector)
         self.time_per_interest = cfg.time_into == "interest" and (self.use_time or self.use_recency)
         self.global_context = cfg.global_context and not self.mean_pooling
@@ -412,6 +417,8 @@ class MIND(nn.Module):
         V = self.mlp(torch.cat(x, dim=-1))  # [B,K,d]  3. ReLU layers over [u_j (; u_g); p_u (; time_j)]
         if self.temperature > 0:  # unit interests: the max-merge compares cosines
             V = F.normalize(V, dim=-1)
+        if not self.training:  # served: interest j's scores x merge_decay^j in the max-merge (1 = unchanged)
+            V = V * self.slot_weight[None, :, None]  # [B,K,d]
         V = V * k_active[:, :, None]  # inactive interests are zero
         return V, k_active, w
 

@@ -114,7 +114,7 @@ def test_triton_equals_torch(triton, name):
     assert client.meta("1").model_version == f"{name}-1"
 
 
-def _mind(time_buckets: int, recency: int = 0) -> torch.nn.Module:
+def _mind(time_buckets: int, recency: int = 0, merge_decay: float = 1.0) -> torch.nn.Module:
     from mind.model import MIND, MINDConfig
 
     torch.manual_seed(0)
@@ -128,6 +128,7 @@ def _mind(time_buckets: int, recency: int = 0) -> torch.nn.Module:
         max_len=L,
         time_buckets=time_buckets,
         recency=recency,
+        merge_decay=merge_decay,
     )
     model = MIND(cfg).eval()
     with torch.no_grad():
@@ -156,10 +157,11 @@ def test_meta_says_whether_the_tower_reads_time(tmp_path):
 @pytest.mark.slow
 def test_triton_passes_times_to_a_time_aware_tower(triton):
     """TIMES reaches the tower: Triton equals torch with the times; without TIMES, torch on zero times.
-    The tower also reads recency ranks, which it derives from the padded window alone."""
+    The tower also reads recency ranks, which it derives from the padded window alone, and leans its
+    merge to the first interest: the served tower carries both."""
     import tritonclient.grpc as grpcclient
 
-    tower = _mind(32, recency=16)
+    tower = _mind(32, recency=16, merge_decay=0.9)
     export(tower, triton.repo, "mind_time", "mt-1", n_side=S, side_vocab=7, profile_vocab=5)
     client = TritonTower(triton.server.grpc_url, "mind_time")
     client.load()

@@ -297,3 +297,20 @@ def test_global_context_is_the_one_capsule_routing_of_the_whole_window():
     u_g = seen[0][:, :, model.d : 2 * model.d]  # [B,K,d]: after u_j
     real = (ids > 0).any(1)
     assert torch.allclose(u_g[real], u1[real].expand(-1, model.K, -1), atol=1e-5)
+
+
+def test_merge_decay_scales_served_interest_j_by_decay_to_the_j_and_leaves_training_alone():
+    ids, side, prof = _batch()
+    plain, decayed = _model(temperature=0.1), _model(temperature=0.1, merge_decay=0.8)
+    with torch.no_grad():
+        V, active = plain(ids, side, prof)
+        Vd, active_d = decayed(ids, side, prof)
+    assert torch.equal(active, active_d)
+    assert torch.allclose(Vd, V * torch.tensor([1.0, 0.8, 0.64, 0.512])[None, :, None])
+    assert "slot_weight" not in decayed.state_dict()  # a setting, not a weight: checkpoints stay the same
+    plain.load_state_dict(decayed.state_dict())
+    decayed.train(), plain.train()
+    torch.manual_seed(3)
+    Vt = decayed.interests(ids, side, prof)[0]
+    torch.manual_seed(3)
+    assert torch.equal(Vt, plain.interests(ids, side, prof)[0])  # training reads every interest as is
