@@ -368,8 +368,17 @@ def test_an_outage_across_a_rebalance_leaves_no_partition_paused(
     all_committed(s, log)
 
 
+def _metrics_text(port: int) -> str | None:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:  # not listening yet: a restarted worker is still starting
+        return None
+
+
 def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    """The worker's metrics, once its endpoint answers: the recall topic can already cover every click
+    (a killed predecessor produced them) while the last restart is still starting up."""
+    text = until(lambda: _metrics_text(port), what=f"the worker's metrics endpoint on port {port}")
     out: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
