@@ -223,6 +223,7 @@ class MIND(nn.Module):
         g = torch.Generator().manual_seed(cfg.init_seed)
         self.register_buffer("b_init", torch.randn(L, K, generator=g) * cfg.sigma)  # [L,K]
         # [K] merge_decay^j: not a weight, so not saved (older checkpoints load unchanged)
+        self.merge_decay = float(cfg.merge_decay)  # a plain float: TorchScript cannot read cfg
         slot_weight = cfg.merge_decay ** torch.arange(K, dtype=torch.float32)  # [K]
         self.register_buffer("slot_weight", slot_weight, persistent=False)
         # 3. ReLU layers over [capsule; profile] (+ the interest's time vector)
@@ -417,7 +418,7 @@ class MIND(nn.Module):
         V = self.mlp(torch.cat(x, dim=-1))  # [B,K,d]  3. ReLU layers over [u_j (; u_g); p_u (; time_j)]
         if self.temperature > 0:  # unit interests: the max-merge compares cosines
             V = F.normalize(V, dim=-1)
-        if not self.training:  # served: interest j's scores x merge_decay^j in the max-merge (1 = unchanged)
+        if not self.training and self.merge_decay != 1.0:  # served: interest j's scores x merge_decay^j
             V = V * self.slot_weight[None, :, None]  # [B,K,d]
         V = V * k_active[:, :, None]  # inactive interests are zero
         return V, k_active, w
