@@ -208,15 +208,15 @@ def test_the_choice_of_tune_is_recorded_and_is_what_the_next_run_trains_with(tmp
     assert read is None and settings.train.get("lr") is None
 
 
-def test_mind_k_ranks_by_cosine_and_drops_capsules_by_default_and_one_vector_models_keep_the_paper():
+def test_mind_k_defaults_to_cosine_capsule_dropout_and_a_merge_lean_one_vector_models_keep_the_paper():
     inter = generate(n_users=120, n_items=80, n_categories=4, seed=5)
     split = comirec_split(inter)
     rules = {name: experiment.rule_settings(inter, split, name) for name in experiment.LEARNED}
     cfgs = {name: experiment.build(inter, split, name, s)[0] for name, s in rules.items()}
-    assert {name: (c.temperature, c.dropout) for name, c in cfgs.items()} == {
-        "mind": (0.1, 0.3),
-        "mind_1": (0.0, 0.0),
-        "youtube_dnn": (0.0, 0.0),
+    assert {name: (c.temperature, c.dropout, c.merge_decay) for name, c in cfgs.items()} == {
+        "mind": (0.1, 0.3, 0.9),
+        "mind_1": (0.0, 0.0, 1.0),
+        "youtube_dnn": (0.0, 0.0, 1.0),
     }
     flagged = rules["mind"].merged({"temperature": 0.0, "dropout": 0.0})  # flags win over the defaults
     assert experiment.build(inter, split, "mind", flagged)[0].temperature == 0.0
@@ -224,6 +224,7 @@ def test_mind_k_ranks_by_cosine_and_drops_capsules_by_default_and_one_vector_mod
     levers = dict(experiment.search_space(inter, split, "mind"))["lever"]
     assert {"model": {"temperature": 0.0}} in levers  # --tune can still pick the paper's model for MIND-K
     assert {"model": {"dropout": 0.0}} in levers
+    assert {"model": {"merge_decay": 1.0}} in levers  # ... and the plain max-merge
     assert {"model": {"recency": 16}} in levers  # lifted MIND-K on LastFM only: a choice, not a default
     assert {"model": {"dropout": 0.3}} in dict(experiment.search_space(inter, split, "mind_1"))["lever"]
 
