@@ -8,7 +8,14 @@ topic suffix is the isolation: every key a worker writes is tagged with its clic
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import signal
+import sys
+import threading
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +47,7 @@ class Served:
     server: EmbeddedTriton
     repo: Path
     towers: dict[str, nn.Module]  # model name -> the eager tower its version 1 was exported from
+    keeper: TritonKeeper  # restarts the server should it crash
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +69,64 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     )
     server.start()
     print(f"\ntritonserver ready in {server.start_seconds:.1f}s serving {sorted(towers)}")
-    yield Served(server, repo, towers)
+    keeper = TritonKeeper(server)
+    keeper.start()
+    yield Served(server, repo, towers, keeper)
+    keeper.halt()
     server.stop()
+
+
+class TritonKeeper(threading.Thread):
+    """Restarts the session's tritonserver on its own ports if it dies, with the models it had loaded.
+
+    The 2.51 Python backend can abort under concurrent requests (an upstream crash in its shared-memory
+    lock); one dead shared server would fail every later test. A restart is what an orchestrator does
+    for the official container, and the worker under test rides it out with its Triton retries. Each
+    crash's log is kept beside the server's (`crash-N.log`) and reported on stderr."""
+
+    def __init__(self, server: EmbeddedTriton, poll_s: float = 1.0) -> None:
+        super().__init__(name="triton-keeper", daemon=True)
+        self.server, self.poll_s = server, poll_s
+        self.loaded: set[str] = set(server.models)
+        self.crashes = 0
+        self.restarted = threading.Event()  # set once a restart has every model back
+        self._halt = threading.Event()
+
+    def _post(self, path: str, timeout_s: float = 60.0) -> bytes:
+        req = urllib.request.Request(self.server.http_url + path, data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.read()
+
+    def run(self) -> None:
+        while not self._halt.wait(self.poll_s):
+            proc = self.server.proc
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                try:  # what is loaded now: a restart brings back exactly this
+                    index = json.loads(self._post("/v2/repository/index", timeout_s=5))
+                    self.loaded = {m["name"] for m in index if m.get("state") == "READY"}
+                except (OSError, ValueError):
+                    pass
+                continue
+            self.crashes += 1
+            kept = self.server.log_path.with_name(f"crash-{self.crashes}.log")
+            shutil.copyfile(self.server.log_path, kept)
+            print(f"\ntritonserver exited ({proc.returncode}); restarting it, log in {kept}", file=sys.stderr)
+            with contextlib.suppress(ProcessLookupError):  # its Python stubs outlive it in its group
+                os.killpg(proc.pid, signal.SIGKILL)
+            self.server.stop()
+            self.server.start()
+            for name in sorted(self.loaded - set(self.server.models)):
+                try:
+                    self._post(f"/v2/repository/models/{name}/load")
+                except OSError as exc:
+                    print(f"tritonserver restart: {name} did not load again ({exc})", file=sys.stderr)
+            self.restarted.set()
+
+    def halt(self) -> None:
+        self._halt.set()
+        self.join(timeout=200)
 
 
 # ---- Milvus (indexer/ and stream/recall tests) -------------------------------------------------------

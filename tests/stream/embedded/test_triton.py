@@ -1,13 +1,19 @@
-"""stream.embedded.triton: fail fast and clearly (port taken, no repository, a model that cannot load)."""
+"""stream.embedded.triton: fail fast and clearly (port taken, no repository, a model that cannot load), and
+the test session's server survives a crash."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 
+import numpy as np
 import pytest
+from towerkit import random_batch
 
 from stream.embedded.triton import EmbeddedTriton, TritonLaunchError, find_tritonserver, free_port
+from stream.tower import TritonTower
 
 
 def test_wheel_layout_is_found():
@@ -61,3 +67,22 @@ def test_model_that_cannot_load_reports_the_log_tail(tmp_path):
     with pytest.raises(TritonLaunchError, match="(?s)exited with code .*boom-42"):
         server.start()
     assert time.monotonic() - t0 < 60 and server.proc is None
+
+
+@pytest.mark.slow
+def test_a_crashed_session_server_comes_back_on_its_ports_with_its_models(triton):
+    """The session's keeper (tests/conftest.py) restarts a tritonserver that died, with what it had loaded,
+    so one upstream Python-backend abort fails one test at most, not every later one."""
+    batch = random_batch(3)
+    with TritonTower(triton.server.grpc_url, "toy") as tower:
+        before = tower.infer(*batch)[0]
+    loaded = set(triton.keeper.loaded)
+    assert {"toy", "flip", "mind"} <= loaded
+    triton.keeper.restarted.clear()
+    os.killpg(triton.server.pid, signal.SIGKILL)  # as the backend's abort does: no clean shutdown
+    assert triton.keeper.restarted.wait(240), triton.server.log_tail()
+    assert all(triton.server.ready(m) for m in loaded), loaded
+    with TritonTower(triton.server.grpc_url, "toy") as tower:
+        after = tower.infer(*batch)[0]
+    assert np.array_equal(before, after)
+    assert (triton.server.log_path.parent / f"crash-{triton.keeper.crashes}.log").is_file()
