@@ -9,13 +9,11 @@ topic suffix is the isolation: every key a worker writes is tagged with its clic
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import sys
 import threading
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 from towerkit import ToyTower, export, real_mind
+from tritonclient.utils import InferenceServerException
 
 from indexer.build import index_items
 from mind.experiment import DEFAULTS
@@ -39,7 +38,7 @@ from stream.embedded.redis import EmbeddedRedis
 from stream.embedded.redis_cluster import EmbeddedRedisCluster
 from stream.embedded.triton import EmbeddedTriton, free_port
 from stream.settings import Settings
-from stream.tower import TritonTower
+from stream.tower import TowerError, TritonTower
 
 
 @dataclass
@@ -91,11 +90,7 @@ class TritonKeeper(threading.Thread):
         self.crashes = 0
         self.restarted = threading.Event()  # set once a restart has every model back
         self._halt = threading.Event()
-
-    def _post(self, path: str, timeout_s: float = 60.0) -> bytes:
-        req = urllib.request.Request(self.server.http_url + path, data=b"{}", method="POST")
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            return r.read()
+        self.repo = TritonTower(server.grpc_url, "")  # only its client: the repository index
 
     def run(self) -> None:
         while not self._halt.wait(self.poll_s):
@@ -104,9 +99,9 @@ class TritonKeeper(threading.Thread):
                 continue
             if proc.poll() is None:
                 try:  # what is loaded now: a restart brings back exactly this
-                    index = json.loads(self._post("/v2/repository/index", timeout_s=5))
-                    self.loaded = {m["name"] for m in index if m.get("state") == "READY"}
-                except (OSError, ValueError):
+                    index = self.repo.client.get_model_repository_index(as_json=True, client_timeout=5)
+                    self.loaded = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
+                except InferenceServerException:
                     pass
                 continue
             self.crashes += 1
@@ -119,14 +114,16 @@ class TritonKeeper(threading.Thread):
             self.server.start()
             for name in sorted(self.loaded - set(self.server.models)):
                 try:
-                    self._post(f"/v2/repository/models/{name}/load")
-                except OSError as exc:
+                    with TritonTower(self.server.grpc_url, name) as tower:
+                        tower.load()
+                except TowerError as exc:
                     print(f"tritonserver restart: {name} did not load again ({exc})", file=sys.stderr)
             self.restarted.set()
 
     def halt(self) -> None:
         self._halt.set()
         self.join(timeout=200)
+        self.repo.close()
 
 
 # ---- Milvus (indexer/ and stream/recall tests) -------------------------------------------------------
