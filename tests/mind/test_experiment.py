@@ -229,6 +229,16 @@ def test_mind_k_defaults_to_cosine_capsule_dropout_and_a_merge_lean_one_vector_m
     assert {"model": {"dropout": 0.3}} in dict(experiment.search_space(inter, split, "mind_1"))["lever"]
 
 
+def test_tune_weighs_shorter_windows_where_every_percentile_passes_the_cap():
+    inter = generate(n_users=200, n_items=150, n_categories=6, seed=3, seq_len=(70, 90))
+    split = comirec_split(inter)
+    assert model_config_for(inter, split.train_users).max_len == 50  # long histories: the rule's cap
+    windows = [
+        c["model"]["max_len"] for c in dict(experiment.search_space(inter, split, "youtube_dnn"))["max_len"]
+    ]
+    assert windows == [12, 25, 50]  # the cap, halved and quartered, instead of one candidate
+
+
 def test_the_window_rule_reads_training_users_only():
     inter = generate(n_users=300, n_items=150, n_categories=6, seed=1, seq_len=(10, 20))
     split = comirec_split(inter)
