@@ -45,6 +45,8 @@ from mind.train import (
     recommend,
     save_checkpoint,
     train,
+    window_rule,
+    window_within_bounds,
 )
 
 log = logging.getLogger(__name__)
@@ -212,16 +214,16 @@ def search_space(inter: Interactions, split: Split, name: str) -> list[tuple[str
     Window candidates are percentiles of the TRAINING users' lengths, and the rule's window halved and
     quartered: where every percentile passes the cap of 50 (long histories), the search still weighs a
     shorter, more recent window, which lifted every learned model on MovieLens-100K. K >= 2 for MIND-K.
-    Last, the levers
-    that won somewhere in the ablation: hard negatives, cosine scoring and capsule dropout for every learned
-    model (or, where one is the model's default, inner products or no dropout), the routing regulariser,
-    the covering routing init, behaviour dropout, recency ranks and the merge's lean to the newest interest
-    (or the plain max, where the lean is the default) for MIND-K, or none of them.
+    Last, the levers that won somewhere in the ablation: hard negatives, cosine scoring and capsule
+    dropout for every learned model (or, where one is the model's default, inner products or no dropout),
+    the routing regulariser, the covering routing init, behaviour dropout, recency ranks and the merge's
+    lean to the newest interest (or the plain max, where the lean is the default) for MIND-K, or none of
+    them.
     """
     lengths = np.array([len(inter.sequences[u]) for u in split.train_users.tolist()])
-    rule = model_config_for(inter, split.train_users).max_len
-    lengths_at = [np.percentile(lengths, q) for q in (75, 90, 97)] + [rule / 2, rule / 4]
-    windows = sorted({int(min(50, max(10, w))) for w in lengths_at})
+    rule = window_rule(lengths)
+    lengths_at = [*np.percentile(lengths, (75, 90, 97)), rule / 2, rule / 4]
+    windows = sorted({window_within_bounds(w) for w in lengths_at})
     space: list[tuple[str, list[dict]]] = [
         ("negatives", [{"train": {"softmax": "sampled", "neg": 1000}}, {"train": {"softmax": "full"}}]),
         ("lr", [{"train": {"lr": 1e-3}}, {"train": {"lr": 3e-3}}]),

@@ -172,6 +172,17 @@ def feature_tables(inter: Interactions) -> tuple[torch.Tensor, torch.Tensor]:
     return side_t, prof_t
 
 
+def window_within_bounds(length: float) -> int:
+    """A window length within [10, 50]: shorter windows leave routing too few behaviours to cluster,
+    longer ones cost every call and reach past what the next click depends on."""
+    return int(min(50, max(10, length)))
+
+
+def window_rule(lengths: np.ndarray) -> int:
+    """The default window: the 90th percentile of the given sequence lengths, within bounds (20 for none)."""
+    return window_within_bounds(np.percentile(lengths, 90)) if len(lengths) else 20
+
+
 def model_config_for(inter: Interactions, users: np.ndarray | None = None, **overrides) -> MINDConfig:
     """A MINDConfig that fits the data set: vocabulary sizes from the data, window from its lengths.
 
@@ -181,7 +192,7 @@ def model_config_for(inter: Interactions, users: np.ndarray | None = None, **ove
     side_t, prof_t = feature_tables(inter)
     rows = range(len(inter.sequences)) if users is None else np.asarray(users).tolist()
     lengths = np.array([len(inter.sequences[u]) for u in rows])
-    max_len = int(min(50, max(10, np.percentile(lengths, 90)))) if len(lengths) else 20
+    max_len = window_rule(lengths)
     cfg = dict(
         n_items=inter.n_items,
         n_side=max(inter.n_side, int(side_t.max()) + 1),
