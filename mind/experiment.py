@@ -76,10 +76,27 @@ def write_json(out: Path, obj: dict) -> Path:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name where the OS says it (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
+    """What trained a report's models. torch's CPU kernels differ by instruction set (`cpu_capability`),
+    and the same seed trains different models on different kernels: single-seed figures from two hosts
+    compare only within a run's spread, not digit for digit."""
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpus": torch.get_num_threads() if torch.get_num_threads() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cli.app import app
@@ -35,6 +36,9 @@ def test_run_offline_reports_every_model_and_both_protocols(tmp_path):
     assert saved["train"]["mind"]["samples_per_s"] > 0
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "mind_1" in table(report)
+    # the same seed trains different models on different CPU kernels: the report names the kernels it ran
+    assert saved["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert saved["machine"]["cpu"]
 
 
 def test_cli_evaluate_on_a_jsonl_click_log(tmp_path):
