@@ -164,11 +164,11 @@ def train(
                 f"saved {out}  best epoch {res.best_epoch}/{res.epochs_run}  valid recall@50 "
                 f"{res.best_valid.get('recall@50', math.nan):.4f}  {res.samples_per_s:.0f} samples/s"
             )
-        if ddp.main and ddp.active:
-            procs = f"{ddp.world} process{'es' if ddp.world > 1 else ''} on {ddp.device.split(':')[0]}"
-            typer.echo(
-                f"ddp: {procs}, {res.steps} steps, parameter checksum per rank: {' '.join(res.replicas)}"
-            )
+            if ddp.active:
+                procs = f"{ddp.world} process{'es' if ddp.world > 1 else ''} on {ddp.device.split(':')[0]}"
+                typer.echo(
+                    f"ddp: {procs}, {res.steps} steps, parameter checksum per rank: {' '.join(res.replicas)}"
+                )
     if ddp.active:
         end_worker()
 
