@@ -407,7 +407,8 @@ def _is_header(fields: list[str], sniffing: bool = False) -> bool:
 def load_pairs(path: str | Path, skip_bad: bool = False) -> Interactions:
     """Read ``user item [timestamp]`` lines (whitespace, tab or comma separated).
 
-    With a header line the user/item/timestamp columns are found by name; without one, column 0 is
+    With a header line the user/item/timestamp columns are found by name (an item column may be named
+    after what the item is, as MovieLens's ``userId,movieId,rating,timestamp`` is); without one, column 0 is
     the user, column 1 the item and, when there are 3 or more columns, the last is the timestamp
     (so ``user item rating timestamp`` works too). Every line must have the first line's width.
     Sorted by timestamp per user (stable) when present, else kept in file order.
@@ -425,7 +426,13 @@ def load_pairs(path: str | Path, skip_bad: bool = False) -> Interactions:
         hdr = [h.lower().partition(":")[0] for h in head]
         cols = [(h, "") for h in hdr]
         ui = _col(p, cols, _USER_NAMES)
-        ii = _col(p, cols, _ITEM_NAMES)
+        ii = _col(p, cols, _ITEM_NAMES, required=False)
+        if ii is None:  # an item column named after what it is: movieId, artistID, business_id
+            ii = next((j for j, h in enumerate(hdr) if j != ui and h.endswith("id")), None)
+        if ii is None:
+            raise DataError(
+                p, first[0], f"header has no item column such as 'item_id' or 'movieId' (fields: {hdr})"
+            )
         ti = _col(p, cols, _TS_NAMES, required=False)
         width = len(head)
         body: Iterator[tuple[int, str]] = lines

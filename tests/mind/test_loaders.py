@@ -193,6 +193,16 @@ def test_pairs_csv_header_and_file_order(tmp_path: Path) -> None:
     assert raw_seq(load(q), 0) == ["b", "a"]  # columns found by name
 
 
+def test_pairs_item_column_named_after_the_item(tmp_path: Path) -> None:
+    p = write(
+        tmp_path / "ratings.csv", "userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,10,3,1260759100\n"
+    )
+    assert raw_seq(load(p), 0) == ["10", "31"]  # MovieLens's own layout: sorted by the timestamp column
+    q = write(tmp_path / "plays.csv", "user,count\nu1,3\n")
+    with pytest.raises(DataError, match=r"plays\.csv:1: header has no item column such as 'item_id'"):
+        load(q)
+
+
 def test_pairs_tab_four_columns(tmp_path: Path) -> None:
     p = write(tmp_path / "u.data", "1\t10\t5\t881250949\n1\t11\t3\t881250000\n2\t10\t4\t881250001\n")
     inter = load(p)  # user item rating timestamp: the last column is the time
