@@ -34,6 +34,7 @@ from cli.options import (
     MODEL_NAME_,
     NEG_,
     P_,
+    PROFILE_,
     RECENCY_,
     REPO_,
     RR_,
@@ -88,6 +89,7 @@ def train(
     behaviour_dropout: BEHAVIOUR_DROPOUT_ = None,
     temperature: TEMPERATURE_ = None,
     merge_decay: MERGE_DECAY_ = None,
+    profile: PROFILE_ = None,
     unknown_rate: Annotated[
         float,
         typer.Option(
@@ -138,6 +140,7 @@ def train(
             dropout=dropout,
             temperature=temperature,
             merge_decay=merge_decay,
+            profile=profile,
         )
         to = train_overrides(
             epochs=epochs,
@@ -222,6 +225,7 @@ def evaluate(
     behaviour_dropout: BEHAVIOUR_DROPOUT_ = None,
     temperature: TEMPERATURE_ = None,
     merge_decay: MERGE_DECAY_ = None,
+    profile: PROFILE_ = None,
     seeds: Annotated[
         int,
         typer.Option(
@@ -274,6 +278,7 @@ def evaluate(
         dropout=dropout,
         temperature=temperature,
         merge_decay=merge_decay,
+        profile=profile,
     )
     to = train_overrides(
         epochs=epochs,

@@ -96,6 +96,15 @@ DYNAMIC_K_ = Annotated[
         "--dynamic-k/--all-interests", envvar="MIND_DYNAMIC_K", help="K' = log2 |I_u| (default) or always K."
     ),
 ]
+PROFILE_ = Annotated[
+    bool | None,
+    typer.Option(
+        "--profile/--no-profile",
+        envvar="MIND_PROFILE",
+        help="The interests read the user's profile ids beside the behaviours (the paper). "
+        "Default: off for MIND-K, on for one-vector models; without profile data it changes nothing.",
+    ),
+]
 DROPOUT_ = Annotated[
     float | None,
     typer.Option("--dropout", envvar="MIND_DROPOUT", help="Dropout on the capsules in training; 0 = off."),
@@ -211,6 +220,7 @@ def model_overrides(
     dropout: float | None = None,
     temperature: float | None = None,
     merge_decay: float | None = None,
+    profile: bool | None = None,
 ) -> dict[str, Any]:
     """The model flags a user gave (None = not given: the data-driven default stands)."""
     given = {
@@ -227,6 +237,7 @@ def model_overrides(
         "dropout": dropout,
         "temperature": temperature,
         "merge_decay": merge_decay,
+        "profile": profile,
     }
     return {k: v for k, v in given.items() if v is not None}
 

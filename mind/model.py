@@ -15,6 +15,7 @@ Read it top to bottom; it follows the paper:
          b_ij = b_ij + u_j^T S e_i
        K'_u = max(1, min(K, log2 |I_u|))             dynamic interest number (Eq. 9)
   3. ReLU layers over [u_j ; p_u]  ->  V_u = (v_u^1 .. v_u^K')                  (Sec. 4.3)
+     (profile=False leaves p_u out: the interests then come from the behaviours alone)
      optionally also over u_g = squash(sum_i S e_i), the whole window as one capsule (global context)
   4. Label-aware attention (training only)                                      (Eq. 6)
        v_u = V_u softmax(pow(V_u^T e_label, p))     p = 0: mean, p -> inf: hard attention
@@ -70,6 +71,8 @@ class MINDConfig:
     dropout: float = 0.0  # dropout on the capsules before the ReLU layers (training only)
     temperature: float = 0.0  # > 0: unit-length item and interest vectors (cosine), logits / temperature;
     # every interest then competes on the same scale in the max-merge (Eq. 3); 0 = raw inner products
+    profile: bool = True  # the ReLU layers read the user's profile p_u beside each capsule (Sec. 4.2); False:
+    # the interests come from the behaviours alone (the profile ids are still accepted, and ignored)
     merge_decay: float = 1.0  # served interest j is scaled by merge_decay^j: the max-merge (Eq. 3) leans to
     # the interest seeded on the newest click over later seeds (often outliers); 1 = the paper's plain max
 
@@ -229,7 +232,9 @@ class MIND(nn.Module):
         # 3. ReLU layers over [capsule; profile] (+ the interest's time vector)
         self.time_per_interest = cfg.time_into == "interest" and (self.use_time or self.use_recency)
         self.global_context = cfg.global_context and not self.mean_pooling
-        profile_width = cfg.n_profile_fields * cfg.profile_dim  # [u_j (; u_g); p_u (; time_j)] below
+        self.use_profile = cfg.profile and cfg.n_profile_fields > 0
+        # the MLP reads [u_j (; u_g) (; p_u) (; time_j)]
+        profile_width = cfg.n_profile_fields * cfg.profile_dim if self.use_profile else 0
         width = d * (1 + self.global_context + self.time_per_interest) + profile_width
         self.mlp = nn.Sequential(
             nn.Linear(width, cfg.hidden),
@@ -250,11 +255,12 @@ class MIND(nn.Module):
             self.profile_emb.weight[0].zero_()
 
     def unread_tables(self) -> list[str]:
-        """Embedding tables this model never reads (behaviour time or recency when off): not part of what a
-        trained model is, and absent from checkpoints saved before they existed."""
-        return [
+        """Embedding tables this model never reads (behaviour time or recency when off, a profile it leaves
+        out): not part of what a trained model is, and absent from checkpoints saved before they existed."""
+        unread = [
             name for name, on in (("time_emb", self.use_time), ("recency_emb", self.use_recency)) if not on
         ]
+        return unread + ["profile_emb"] * (self.cfg.n_profile_fields > 0 and not self.use_profile)
 
     # ---- 1. embedding & pooling -------------------------------------------------------------
     def embed_items(self, item_ids: torch.Tensor, side_ids: torch.Tensor) -> torch.Tensor:
@@ -402,8 +408,6 @@ class MIND(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """forward() plus the coupling w [B,L,K] that the routing regulariser reads."""
         u, k_active, w = self.capsules(item_ids, side_ids, times)  # [B,K,d], [B,K], [B,L,K]
-        p_u = self.profile_emb(profile_ids).flatten(1)  # [B,P*profile_dim]
-        p_u = p_u[:, None, :].expand(-1, self.K, -1)  # [B,K,P*profile_dim]
         x = [self.drop(u)]
         if self.global_context:  # u_g = squash(sum_i S e_i): the whole window as one capsule
             mask = (item_ids > 0)[:, :, None].to(u.dtype)  # [B,L,1]
@@ -411,11 +415,13 @@ class MIND(nn.Module):
             S0 = self.S[0] if self.per_interest else self.S  # [d,d]
             u_g = squash(((e * mask) @ S0.T).sum(1))  # [B,d]
             x.append(u_g[:, None, :].expand(-1, self.K, -1))  # [B,K,d]
-        x.append(p_u)
+        if self.use_profile:
+            p_u = self.profile_emb(profile_ids).flatten(1)  # [B,P*profile_dim]
+            x.append(p_u[:, None, :].expand(-1, self.K, -1))  # [B,K,P*profile_dim]
         if self.time_per_interest:  # when interest j's behaviours happened: sum_i w_ij t_i / sum_i w_ij
             t = self.behaviour_time(item_ids, times)  # [B,L,d]
             x.append(torch.einsum("blk,bld->bkd", w, t) / w.sum(1)[:, :, None].clamp(min=1e-9))  # [B,K,d]
-        V = self.mlp(torch.cat(x, dim=-1))  # [B,K,d]  3. ReLU layers over [u_j (; u_g); p_u (; time_j)]
+        V = self.mlp(torch.cat(x, dim=-1))  # [B,K,d]  3. ReLU layers over [u_j (; u_g) (; p_u) (; time_j)]
         if self.temperature > 0:  # unit interests: the max-merge compares cosines
             V = F.normalize(V, dim=-1)
         if not self.training and self.merge_decay != 1.0:  # served: interest j's scores x merge_decay^j

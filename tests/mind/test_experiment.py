@@ -11,6 +11,7 @@ from cli.app import app
 from mind import experiment
 from mind.evaluate import paired_difference
 from mind.experiment import run_offline, table
+from mind.model import MIND
 from mind.split import comirec_split
 from mind.synthetic import generate, to_jsonl
 from mind.train import TrainConfig, model_config_for
@@ -231,6 +232,27 @@ def test_mind_k_defaults_to_cosine_capsule_dropout_and_a_merge_lean_one_vector_m
     assert {"model": {"merge_decay": 1.0}} in levers  # ... and the plain max-merge
     assert {"model": {"recency": 16}} in levers  # lifted MIND-K on LastFM only: a choice, not a default
     assert {"model": {"dropout": 0.3}} in dict(experiment.search_space(inter, split, "mind_1"))["lever"]
+
+
+def test_mind_k_leaves_the_profile_out_one_vector_models_read_it_and_tune_tries_the_other_way():
+    inter = generate(n_users=120, n_items=80, n_categories=4, seed=5)  # profiles: age bucket, gender
+    split = comirec_split(inter)
+    rules = {name: experiment.rule_settings(inter, split, name) for name in experiment.LEARNED}
+    cfgs = {name: experiment.build(inter, split, name, s)[0] for name, s in rules.items()}
+    assert all(c.n_profile_fields == 2 for c in cfgs.values())
+    assert {name: MIND(c).use_profile for name, c in cfgs.items()} == {
+        "mind": False,
+        "mind_1": True,
+        "youtube_dnn": True,
+    }
+    assert MIND(cfgs["mind"]).unread_tables() == ["time_emb", "recency_emb", "profile_emb"]
+    assert {"model": {"profile": True}} in dict(experiment.search_space(inter, split, "mind"))["lever"]
+    assert {"model": {"profile": False}} in dict(experiment.search_space(inter, split, "youtube_dnn"))[
+        "lever"
+    ]
+    no_profiles = generate(n_users=120, n_items=80, n_categories=4, seed=5, with_profile=False)
+    levers = dict(experiment.search_space(no_profiles, comirec_split(no_profiles), "mind"))["lever"]
+    assert not any("profile" in c.get("model", {}) for c in levers)  # nothing to switch, so no such lever
 
 
 def test_tune_weighs_shorter_windows_where_every_percentile_passes_the_cap():

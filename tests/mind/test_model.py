@@ -314,3 +314,16 @@ def test_merge_decay_scales_served_interest_j_by_decay_to_the_j_and_leaves_train
     Vt = decayed.interests(ids, side, prof)[0]
     torch.manual_seed(3)
     assert torch.equal(Vt, plain.interests(ids, side, prof)[0])  # training reads every interest as is
+
+
+def test_without_the_profile_the_interests_come_from_the_behaviours_alone():
+    ids, side, prof = _batch()
+    with_profile, without = _model(), _model(profile=False)
+    assert with_profile.mlp[0].in_features == 16 + 2 * 16 and without.mlp[0].in_features == 16
+    other = (prof + 1) % 6  # every user's profile ids changed
+    V, _ = without(ids, side, prof)
+    assert torch.equal(V, without(ids, side, other)[0])  # ignored, though still accepted (the served inputs)
+    assert not torch.equal(with_profile(ids, side, prof)[0], with_profile(ids, side, other)[0])
+    assert without.unread_tables()[-1] == "profile_emb" and "profile_emb" not in with_profile.unread_tables()
+    no_profiles = _model(n_profile_fields=0, profile=False)  # nothing to leave out: the table stays as it was
+    assert "profile_emb" not in no_profiles.unread_tables()
